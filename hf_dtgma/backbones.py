@@ -1,0 +1,173 @@
+"""Frozen feature extractors that turn raw inputs into the token features a `DTGMAModel` reads.
+
+Both follow one protocol, so `DTGMAModel.attach_backbone` takes either: ``backbone(**inputs)`` returns
+``(features (B, N, D), attention_mask (B, N))`` and ``backbone.identity`` describes it (recorded in the model's config
+and in every task adapter).
+
+* `TextBackbone`: any Hugging Face `AutoModel` (Qwen2.5 by default), hidden states of a chosen layer.
+* `PatchEmbedder`: images `(B, C, H, W)` cut into patches, projected, plus a learned position embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_TEXT_BACKBONE = "Qwen/Qwen2.5-1.5B"
+
+
+class TextBackbone(nn.Module):
+    """A frozen text model whose hidden states of one layer are the input tokens of a `DTGMAModel`.
+
+    Padding is handled for decoder-only models: position ids are computed from the attention mask, so a text gets the
+    same features for its real tokens whether the batch is padded on the left or on the right.
+
+    Args:
+        model: the text model (any `AutoModel`); it is put in eval mode and frozen.
+        tokenizer: its tokenizer (needed for `encode`); a missing pad token is set to the EOS token.
+        layer: which hidden state to return: 0 is the embedding output, -1 the last layer.
+        max_length: texts are truncated to this many tokens by `encode`.
+        name / revision: where the model came from, recorded in `identity`.
+
+    Example:
+
+    ```python
+    >>> backbone = TextBackbone.from_pretrained("Qwen/Qwen2.5-1.5B", layer=-1)
+    >>> features, mask = backbone.encode(["The market rallied.", "A new comet was found."])
+    >>> features.shape  # (2, N, 1536)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        layer: int = -1,
+        max_length: int = 128,
+        name: str | None = None,
+        revision: str | None = None,
+    ):
+        super().__init__()
+        num_states = model.config.get_text_config().num_hidden_layers + 1
+        if not -num_states <= layer < num_states:
+            raise ValueError(f"`layer` must be in [{-num_states}, {num_states - 1}] for this model, got {layer}.")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.layer = layer
+        self.max_length = max_length
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.revision = revision
+        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = DEFAULT_TEXT_BACKBONE,
+        layer: int = -1,
+        max_length: int = 128,
+        revision: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> TextBackbone:
+        """Load model and tokenizer from the Hub or a local folder (`kwargs` go to both `from_pretrained` calls)."""
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, **kwargs)
+        model = AutoModel.from_pretrained(name_or_path, revision=revision, dtype=dtype, **kwargs)
+        if device is not None:
+            model = model.to(device)
+        return cls(model, tokenizer, layer=layer, max_length=max_length, name=name_or_path, revision=revision)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width D of the returned features (the `input_dim` of a `DTGMAModel` on this backbone)."""
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"type": "text", "name": self.name, "revision": self.revision, "layer": self.layer}
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids `(B, N)` (any padding side) → hidden states `(B, N, D)` of `layer` and the mask `(B, N)`."""
+        device = self.model.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        extra = {}
+        if self._takes_position_ids:
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+        return outputs.hidden_states[self.layer], attention_mask
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize `texts` (padded, truncated to `max_length`) and return `(features (B, N, D), mask (B, N))`."""
+        if self.tokenizer is None:
+            raise ValueError("This TextBackbone has no tokenizer: build it with one, or call it with input_ids.")
+        if isinstance(texts, str):
+            texts = [texts]
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return self(batch["input_ids"], batch["attention_mask"])
+
+
+class PatchEmbedder(nn.Module):
+    """Images `(B, C, H, W)` → patch tokens `(B, N, D)`: a stride-`patch_size` convolution plus a learned position
+    embedding, N = (H / patch_size) · (W / patch_size).
+
+    Example:
+
+    ```python
+    >>> embedder = PatchEmbedder(image_size=28, patch_size=7, num_channels=1, hidden_size=64)
+    >>> tokens, mask = embedder(torch.rand(8, 1, 28, 28))
+    >>> tokens.shape, mask.shape
+    (torch.Size([8, 16, 64]), torch.Size([8, 16]))
+    ```
+    """
+
+    def __init__(self, image_size: int = 28, patch_size: int = 7, num_channels: int = 1, hidden_size: int = 64):
+        super().__init__()
+        if image_size % patch_size != 0:
+            raise ValueError(f"`image_size` ({image_size}) must be a multiple of `patch_size` ({patch_size}).")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.projection = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.position_embedding = nn.Parameter(torch.randn(1, self.num_patches, hidden_size) * 0.02)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for tensor in self.state_dict().values():
+            digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+        return {
+            "type": "patch",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "hidden_size": self.hidden_size,
+            "weights_sha256": digest.hexdigest()[:16],
+        }
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}: resize the images or build a PatchEmbedder for this size."
+            )
+        weight = self.projection.weight
+        patches = self.projection(pixel_values.to(device=weight.device, dtype=weight.dtype))  # (B, D, H/p, W/p)
+        tokens = patches.flatten(2).transpose(1, 2) + self.position_embedding  # (B, N, D)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return tokens, mask

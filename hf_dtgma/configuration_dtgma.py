@@ -1,0 +1,153 @@
+"""DTG-MA configuration.
+
+This file is copied next to the weights by ``save_pretrained`` and imported by
+``AutoConfig.from_pretrained(..., trust_remote_code=True)``: keep it flat and
+free of imports from the rest of ``hf_dtgma``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+TASK_PARAM_MODES = ("lowrank", "full")
+SHARED_TRAINING_MODES = ("first_task", "never")
+
+# The config fields that fix the shapes of a task's parameters. An adapter saved
+# from one model loads into another only when all of them agree.
+ADAPTER_SHAPE_FIELDS = (
+    "input_dim",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "num_task_tokens",
+    "task_param_mode",
+    "task_rank",
+)
+
+
+class DTGMAConfig(PreTrainedConfig):
+    r"""Configuration of a [`DTGMAModel`]: Dynamic Task-Graph Masked Attention on frozen token features.
+
+    The model reads a sequence ``[task tokens; input tokens]`` where the input tokens are token features of a frozen
+    backbone (text hidden states, image patches) and every task owns ``num_task_tokens`` learned tokens. Attention is
+    ``softmax(QKᵀ/√d + M_t) V`` with an additive ``{0, -inf}`` mask ``M_t`` built from the task graph.
+
+    Args:
+        input_dim (`int`, defaults to 384):
+            Width of the input token features (the backbone's hidden size).
+        hidden_size (`int`, defaults to 256):
+            Width of the DTG-MA layers.
+        num_layers (`int`, defaults to 2):
+            Number of masked-attention layers.
+        num_heads (`int`, defaults to 4):
+            Attention heads per layer; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*):
+            Width of the feed-forward block; `4 * hidden_size` when not given.
+        num_task_tokens (`int`, defaults to 1):
+            Learned tokens per task. The task's head reads their mean.
+        task_param_mode (`str`, defaults to `"lowrank"`):
+            What a task owns inside the layers. `"lowrank"`: rank-`task_rank` deltas on the Q, K, V, O and feed-forward
+            projections of its tokens. `"full"`: its own full Q, K, V, O and feed-forward weights (the reference
+            DTG-MA design, about 1.58 M parameters per task at `hidden_size=256`), kept for comparison.
+        task_rank (`int`, defaults to 8):
+            Rank of the per-task deltas in `"lowrank"` mode.
+        shared_training (`str`, defaults to `"first_task"`):
+            When the shared parameters (input projection, norms, shared attention and feed-forward weights) train.
+            `"first_task"`: with the first task, then frozen for good. `"never"`: frozen from the start.
+        hidden_dropout (`float`, defaults to 0.1):
+            Dropout on the residual branches.
+        attention_dropout (`float`, defaults to 0.0):
+            Dropout on the attention weights.
+        hidden_act (`str`, defaults to `"gelu"`):
+            Activation of the feed-forward block.
+        layer_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of the layer norms.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the normal initialisation.
+        tasks (`list[dict]`, *optional*):
+            The registered tasks in order, each `{"name": str, "labels": list[str], "frozen": bool}`. Written by
+            `DTGMAModel.add_task`; `from_pretrained` rebuilds the task parameters from it.
+        shared_frozen (`bool`, defaults to `False`):
+            Whether the shared parameters have been frozen (set by `freeze_task` / `add_task`).
+        backbone (`dict`, *optional*):
+            Identity of the frozen backbone the features come from (e.g. `{"name": "Qwen/Qwen2.5-1.5B", "layer": -1}`);
+            recorded in every adapter so that features of another backbone are refused.
+
+    Example:
+
+    ```python
+    >>> from hf_dtgma import DTGMAConfig, DTGMAModel
+    >>> config = DTGMAConfig(input_dim=384, hidden_size=128, num_layers=2, num_heads=4)
+    >>> model = DTGMAModel(config)
+    ```
+    """
+
+    model_type = "dtgma"
+
+    def __init__(
+        self,
+        input_dim: int = 384,
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        intermediate_size: int | None = None,
+        num_task_tokens: int = 1,
+        task_param_mode: str = "lowrank",
+        task_rank: int = 8,
+        shared_training: str = "first_task",
+        hidden_dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        tasks: list[dict[str, Any]] | None = None,
+        shared_frozen: bool = False,
+        backbone: dict[str, Any] | None = None,
+        **kwargs,
+    ):
+        for name, value in (
+            ("input_dim", input_dim),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("num_task_tokens", num_task_tokens),
+            ("task_rank", task_rank),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DTGMAConfig: `{name}` must be a positive integer, got {value!r}.")
+        if hidden_size % num_heads != 0:
+            raise ValueError(
+                f"DTGMAConfig: `hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}); "
+                f"choose e.g. num_heads={next(h for h in (8, 4, 2, 1) if hidden_size % h == 0)}."
+            )
+        if task_param_mode not in TASK_PARAM_MODES:
+            raise ValueError(f"DTGMAConfig: `task_param_mode` must be one of {TASK_PARAM_MODES}, got {task_param_mode!r}.")
+        if shared_training not in SHARED_TRAINING_MODES:
+            raise ValueError(
+                f"DTGMAConfig: `shared_training` must be one of {SHARED_TRAINING_MODES}, got {shared_training!r}."
+            )
+        self.input_dim = input_dim
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
+        self.num_task_tokens = num_task_tokens
+        self.task_param_mode = task_param_mode
+        self.task_rank = task_rank
+        self.shared_training = shared_training
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.tasks = [dict(task) for task in (tasks or [])]
+        self.shared_frozen = bool(shared_frozen or shared_training == "never")
+        self.backbone = dict(backbone) if backbone else None
+        super().__init__(**kwargs)
+
+    def adapter_shape_config(self) -> dict[str, Any]:
+        """The fields that fix the shapes of one task's parameters (see `ADAPTER_SHAPE_FIELDS`)."""
+        return {field: getattr(self, field) for field in ADAPTER_SHAPE_FIELDS}

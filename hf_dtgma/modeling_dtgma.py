@@ -1,0 +1,735 @@
+"""DTG-MA: Dynamic Task-Graph Masked Attention as a Hugging Face model.
+
+The model reads the sequence ``[task tokens; input tokens]``:
+
+* input tokens are token features of a frozen backbone, ``(B, N, input_dim)`` with an attention mask;
+* every task owns ``num_task_tokens`` learned tokens, a low-rank (or full) delta on the projections its tokens go
+  through, and a head (LayerNorm + Linear) that reads the mean of its tokens' final states.
+
+Attention is ``softmax(QKᵀ/√d + M) V`` where the additive mask ``M ∈ {0, -inf}`` is the task graph: input tokens read
+real input tokens; task t's tokens read real input tokens and each other, never another task's tokens. Because input
+tokens never read task tokens and only pass through shared weights, their states are the same for every task, so
+all registered tasks are evaluated in one pass (``task_ids=None``), and a task's result does not depend on which other
+tasks exist.
+
+This file is copied next to the weights by ``save_pretrained`` and is what runs for a
+``AutoModel.from_pretrained(..., trust_remote_code=True)`` user: it imports only torch, transformers (and its own
+dependencies safetensors / huggingface_hub) and ``.configuration_dtgma``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_dtgma import DTGMAConfig
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_FORMAT_VERSION = 1
+
+# Projections a task adapts, with their (in, out) widths as functions of the config.
+TASK_PROJECTIONS: dict[str, Callable[[DTGMAConfig], tuple[int, int]]] = {
+    "q": lambda c: (c.hidden_size, c.hidden_size),
+    "k": lambda c: (c.hidden_size, c.hidden_size),
+    "v": lambda c: (c.hidden_size, c.hidden_size),
+    "o": lambda c: (c.hidden_size, c.hidden_size),
+    "fc1": lambda c: (c.hidden_size, c.intermediate_size),
+    "fc2": lambda c: (c.intermediate_size, c.hidden_size),
+}
+
+
+@dataclass
+class DTGMAOutput(ModelOutput):
+    """Output of [`DTGMAModel`].
+
+    Args:
+        loss: cross-entropy of `logits` against `labels` (only with `task_ids` and `labels`).
+        logits: `(B, L_max)` with `task_ids` (row b scores task `task_ids[b]`'s labels), `(B, T, L_max)` without.
+            `L_max` is the largest label count of the registered tasks; labels a task lacks are `-inf`.
+        task_states: `(B, D)` / `(B, T, D)`: the mean final state of each task's tokens (what its head reads).
+        hidden_states: with `output_hidden_states=True`, the `(B, S, D)` sequence `[task tokens; input tokens]`
+            after the input projection and after every layer.
+        attentions: with `output_attentions=True`, one `(B, heads, S, S)` tensor per layer over the same sequence.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    task_states: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def task_graph_mask(num_task_groups: int, tokens_per_task: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Additive task-graph mask over ``[task tokens; input tokens]``.
+
+    Args:
+        num_task_groups: G, the number of tasks whose tokens are in the sequence (laid out task after task).
+        tokens_per_task: n, tokens per task.
+        attention_mask: `(B, N)`, 1 for real input tokens, 0 for padding.
+
+    Returns:
+        `(B, 1, S, S)` float tensor with S = G·n + N: 0 where the query row may read the key column, -inf elsewhere.
+        Task tokens read their own task's tokens and real input tokens; input tokens read real input tokens.
+    """
+    batch_size, num_inputs = attention_mask.shape
+    num_task_rows = num_task_groups * tokens_per_task
+    device = attention_mask.device
+    group = torch.arange(num_task_rows, device=device) // tokens_per_task
+    may_read = torch.zeros(num_task_rows + num_inputs, num_task_rows + num_inputs, dtype=torch.bool, device=device)
+    may_read[:num_task_rows, :num_task_rows] = group[:, None] == group[None, :]
+    may_read[:, num_task_rows:] = True
+    key_is_real = torch.cat(
+        [torch.ones(batch_size, num_task_rows, dtype=torch.bool, device=device), attention_mask.bool()], dim=1
+    )
+    allowed = may_read[None] & key_is_real[:, None, :]  # (B, S, S)
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None]
+
+
+def _by_group(tensors: list[torch.Tensor], task_ids: torch.Tensor | None) -> torch.Tensor:
+    """Stack one tensor per task to `(T, ...)` and lay it out per task group: `(1, T, ...)` when every task is a group
+    (`task_ids=None`), `(B, 1, ...)` with each row's own task otherwise. Stacking and indexing copy values exactly."""
+    stacked = torch.stack(tensors)
+    return stacked[None] if task_ids is None else stacked[task_ids][:, None]
+
+
+def _linear_2d(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`linear(x)` computed as one 2-D matrix product. `F.linear` on a non-contiguous N-D input picks its kernel by
+    whether the weight requires grad, so freezing a task would change its rounding; this form never does."""
+    return F.linear(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias).view(*x.shape[:-1], linear.out_features)
+
+
+class DTGMATaskLayer(nn.Module):
+    """One task's parameters inside one layer: a delta on each of the projections its tokens go through.
+
+    `"lowrank"`: `{p}_down (in, r)` and `{p}_up (r, out)`, added to the shared projection: `W x + up(down(x))`.
+    `"full"`: `{p}_weight (out, in)` and `{p}_bias (out,)` replacing the shared projection (reference design).
+    """
+
+    def __init__(self, config: DTGMAConfig):
+        super().__init__()
+        self.mode = config.task_param_mode
+        for name, dims in TASK_PROJECTIONS.items():
+            fan_in, fan_out = dims(config)
+            if self.mode == "lowrank":
+                self.register_parameter(f"{name}_down", nn.Parameter(torch.empty(fan_in, config.task_rank)))
+                self.register_parameter(f"{name}_up", nn.Parameter(torch.empty(config.task_rank, fan_out)))
+            else:
+                self.register_parameter(f"{name}_weight", nn.Parameter(torch.empty(fan_out, fan_in)))
+                self.register_parameter(f"{name}_bias", nn.Parameter(torch.empty(fan_out)))
+
+
+class DTGMATaskHead(nn.Module):
+    """A task's classifier: LayerNorm + Linear on the mean final state of its tokens."""
+
+    def __init__(self, config: DTGMAConfig, num_labels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+
+class DTGMATaskAdapter(nn.Module):
+    """Everything task t owns: its tokens, its per-layer deltas and its head. Saved alone as the task's adapter."""
+
+    def __init__(self, config: DTGMAConfig, num_labels: int):
+        super().__init__()
+        self.task_tokens = nn.Parameter(torch.empty(config.num_task_tokens, config.hidden_size))
+        self.layers = nn.ModuleList(DTGMATaskLayer(config) for _ in range(config.num_layers))
+        self.head = DTGMATaskHead(config, num_labels)
+
+
+class DTGMALayer(nn.Module):
+    """Pre-norm masked multi-head attention + feed-forward over ``[task tokens; input tokens]``.
+
+    Input tokens go through the shared projections only. Task tokens go through the shared projections plus their
+    task's low-rank delta (or through their task's own full projections).
+    """
+
+    def __init__(self, config: DTGMAConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = hidden // config.num_heads
+        self.task_param_mode = config.task_param_mode
+        self.attention_dropout = config.attention_dropout
+        self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+        self.o = nn.Linear(hidden, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(hidden, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, hidden)
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def _project(
+        self, name: str, task_x: torch.Tensor, input_x: torch.Tensor, task_weights: dict[str, tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply projection `name` to task rows `(B, G, n, in)` and input rows `(B, N, in)`.
+
+        `task_weights[name]` holds the task tensors already gathered per task group, shaped `(B or 1, G, ...)`.
+        """
+        shared: nn.Linear = getattr(self, name)
+        first, second = task_weights[name]
+        task_x = task_x.contiguous()
+        if self.task_param_mode == "lowrank":  # first: down (., G, in, r); second: up (., G, r, out)
+            task_out = _linear_2d(task_x, shared) + (task_x @ first) @ second
+        else:  # first: weight transposed (., G, in, out); second: bias (., G, 1, out)
+            task_out = task_x @ first + second
+        return task_out, _linear_2d(input_x, shared)
+
+    def forward(
+        self,
+        task_x: torch.Tensor,
+        input_x: torch.Tensor,
+        mask: torch.Tensor,
+        task_weights: dict[str, tuple[torch.Tensor, ...]],
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            task_x: `(B, G, n, D)` task-token states, G task groups of n tokens.
+            input_x: `(B, N, D)` input-token states.
+            mask: `(B, 1, S, S)` additive task-graph mask, S = G·n + N.
+            task_weights: per projection, the gathered task tensors (see `_project`).
+        Returns:
+            new `task_x`, new `input_x`, and the `(B, heads, S, S)` attention weights when asked for.
+        """
+        batch, groups, per_task, hidden = task_x.shape
+        num_task_rows = groups * per_task
+
+        def heads(task_part: torch.Tensor, input_part: torch.Tensor) -> torch.Tensor:
+            sequence = torch.cat([task_part.reshape(batch, num_task_rows, hidden), input_part], dim=1)
+            return sequence.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, d)
+
+        task_n, input_n = self.attn_norm(task_x), self.attn_norm(input_x)
+        q = heads(*self._project("q", task_n, input_n, task_weights))
+        k = heads(*self._project("k", task_n, input_n, task_weights))
+        v = heads(*self._project("v", task_n, input_n, task_weights))
+        mask = mask.to(q.dtype)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        weights = None
+        if output_attentions:  # the explicit form, so the weights can be returned
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask
+            weights = scores.softmax(dim=-1)
+            context = F.dropout(weights, p=dropout_p, training=self.training) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        context = context.transpose(1, 2).reshape(batch, -1, hidden)
+        task_ctx = context[:, :num_task_rows].view(batch, groups, per_task, hidden)
+        task_out, input_out = self._project("o", task_ctx, context[:, num_task_rows:], task_weights)
+        task_x = task_x + self.dropout(task_out)
+        input_x = input_x + self.dropout(input_out)
+
+        task_n, input_n = self.ffn_norm(task_x), self.ffn_norm(input_x)
+        task_h, input_h = self._project("fc1", task_n, input_n, task_weights)
+        task_out, input_out = self._project("fc2", self.act(task_h), self.act(input_h), task_weights)
+        return task_x + self.dropout(task_out), input_x + self.dropout(input_out), weights
+
+
+class DTGMAPreTrainedModel(PreTrainedModel):
+    config_class = DTGMAConfig
+    base_model_prefix = "dtgma"
+    main_input_name = "inputs_embeds"
+    _no_split_modules = ["DTGMALayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DTGMATaskAdapter):
+            init.normal_(module.task_tokens, mean=0.0, std=std)
+        elif isinstance(module, DTGMATaskLayer):
+            # A low-rank delta starts at zero (up = 0): a new task starts from the shared computation.
+            for name, param in module.named_parameters(recurse=False):
+                if name.endswith(("_down", "_weight")):
+                    init.normal_(param, mean=0.0, std=std)
+                else:
+                    init.zeros_(param)
+
+
+class DTGMAModel(DTGMAPreTrainedModel):
+    """DTG-MA masked attention with per-task tokens, deltas and heads on frozen token features.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_dtgma import DTGMAConfig, DTGMAModel
+    >>> model = DTGMAModel(DTGMAConfig(input_dim=384, hidden_size=128, num_layers=2, num_heads=4))
+    >>> model.add_task("sentiment", labels=["positive", "negative"])
+    >>> model.add_task("topic", labels=["finance", "science", "sports"])
+    >>> x, mask = torch.randn(3, 6, 384), torch.ones(3, 6, dtype=torch.long)
+    >>> model(inputs_embeds=x, attention_mask=mask, task_ids=torch.tensor([0, 1, 1])).logits.shape
+    torch.Size([3, 3])
+    >>> model(inputs_embeds=x, attention_mask=mask).logits.shape  # every task in one pass
+    torch.Size([3, 2, 3])
+    ```
+    """
+
+    def __init__(self, config: DTGMAConfig):
+        super().__init__(config)
+        self.input_norm = nn.LayerNorm(config.input_dim, eps=config.layer_norm_eps)
+        self.input_proj = nn.Linear(config.input_dim, config.hidden_size)
+        self.layers = nn.ModuleList(DTGMALayer(config) for _ in range(config.num_layers))
+        self.task_adapters = nn.ModuleList(DTGMATaskAdapter(config, len(task["labels"])) for task in config.tasks)
+        self.post_init()
+        self._apply_frozen_state()
+
+    # ------------------------------------------------------------------ tasks
+
+    @property
+    def tasks(self) -> list[str]:
+        """Registered task names, in the order they were added (task id = position)."""
+        return [task["name"] for task in self.config.tasks]
+
+    def task_labels(self, name: str) -> list[str]:
+        """The label names of task `name`, in logit order."""
+        return list(self.config.tasks[self.task_index(name)]["labels"])
+
+    def task_index(self, name: str) -> int:
+        """The task id of task `name`."""
+        for index, task in enumerate(self.config.tasks):
+            if task["name"] == name:
+                return index
+        raise KeyError(f"Unknown task {name!r}. Known tasks: {self.tasks or 'none (call add_task first)'}.")
+
+    def add_task(self, name: str, labels: list[str], freeze_previous: bool = True) -> int:
+        """Register a task: its tokens, its per-layer deltas and its head. Returns its task id.
+
+        Args:
+            name: a new, non-empty task name.
+            labels: the task's label names, non-empty and distinct; logit column i scores `labels[i]`.
+            freeze_previous: freeze every existing task and the shared parameters first (the continual-learning
+                contract: a new task arrives once the earlier ones are finished). Pass `False` to train several
+                tasks together.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"Task name must be a non-empty string, got {name!r}.")
+        if name in self.tasks:
+            raise ValueError(f"Task {name!r} is already registered (tasks: {self.tasks}); pick another name.")
+        labels = self._check_labels(name, labels)
+        if freeze_previous:
+            for existing in self.tasks:
+                self.freeze_task(existing)
+        adapter = DTGMATaskAdapter(self.config, len(labels))
+        adapter.apply(self._init_weights)
+        self.task_adapters.append(adapter.to(device=self.input_proj.weight.device, dtype=self.input_proj.weight.dtype))
+        self.config.tasks.append({"name": name, "labels": labels, "frozen": False})
+        return len(self.config.tasks) - 1
+
+    def freeze_task(self, name: str) -> None:
+        """Freeze task `name` (`requires_grad=False` on its parameters) and the shared parameters it depends on."""
+        index = self.task_index(name)
+        self.task_adapters[index].requires_grad_(False)
+        self.config.tasks[index]["frozen"] = True
+        self.config.shared_frozen = True
+        for param in self.shared_parameters():
+            param.requires_grad_(False)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by every task: input projection, norms, shared attention and feed-forward weights."""
+        return [param for name, param in self.named_parameters() if not name.startswith("task_adapters.")]
+
+    def num_task_parameters(self, name: str) -> int:
+        """Parameters owned by task `name` (its growth of the model)."""
+        return sum(param.numel() for param in self.task_adapters[self.task_index(name)].parameters())
+
+    def _apply_frozen_state(self) -> None:
+        """Make `requires_grad` follow the frozen flags recorded in the config."""
+        for adapter, task in zip(self.task_adapters, self.config.tasks):
+            adapter.requires_grad_(not task.get("frozen", False))
+        for param in self.shared_parameters():
+            param.requires_grad_(not self.config.shared_frozen)
+
+    @staticmethod
+    def _check_labels(name: str, labels: Any) -> list[str]:
+        if isinstance(labels, str) or not hasattr(labels, "__iter__"):
+            raise ValueError(f"Task {name!r}: `labels` must be a list of label names, got {labels!r}.")
+        labels = [str(label) for label in labels]
+        if not labels:
+            raise ValueError(f"Task {name!r}: `labels` is empty; give at least one label name.")
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"Task {name!r}: duplicated labels {duplicates}; every label name must be distinct.")
+        return labels
+
+    # --------------------------------------------------------------- backbone
+
+    def attach_backbone(self, backbone: nn.Module) -> None:
+        """Attach a frozen feature extractor so `forward` also takes `input_ids` or `pixel_values`.
+
+        `backbone(**inputs)` must return `(features (B, N, input_dim), attention_mask (B, N))`, as
+        `hf_dtgma.backbones.TextBackbone` and `PatchEmbedder` do. The backbone is not a submodule: it is not saved
+        with the model nor trained by optimizers over `model.parameters()`. Its `identity` (if any) is recorded in
+        `config.backbone` and in every adapter, so features of a different backbone are refused.
+        """
+        identity = getattr(backbone, "identity", None)
+        if identity is not None and self.config.backbone is not None and dict(identity) != self.config.backbone:
+            raise ValueError(
+                f"This model was built on backbone {self.config.backbone}, not {dict(identity)}: "
+                "attach the backbone the model was trained with."
+            )
+        if identity is not None:
+            self.config.backbone = dict(identity)
+        object.__setattr__(self, "_attached_backbone", backbone.to(self.input_proj.weight.device))
+
+    @property
+    def attached_backbone(self) -> nn.Module | None:
+        return getattr(self, "_attached_backbone", None)
+
+    def _features_from_backbone(
+        self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.attached_backbone is None:
+            raise ValueError(
+                "`input_ids` / `pixel_values` need a backbone: call `model.attach_backbone(...)` "
+                "(e.g. hf_dtgma.backbones.TextBackbone.from_pretrained(...)) or pass `inputs_embeds` features."
+            )
+        if input_ids is not None:
+            return self.attached_backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return self.attached_backbone(pixel_values=pixel_values)
+
+    # ---------------------------------------------------------------- forward
+
+    def _gather_task_weights(self, task_ids: torch.Tensor | None) -> list[dict[str, tuple[torch.Tensor, ...]]]:
+        """Per layer and projection, the task tensors stacked over tasks and laid out `(B or 1, G, ...)`.
+
+        With `task_ids` (B,) each row gets its own task (G = 1); without, every task is a group (G = T) shared by
+        all rows. Stacking copies values exactly, so a task's numbers do not depend on how many tasks exist.
+        """
+
+        lowrank = self.config.task_param_mode == "lowrank"
+        per_layer = []
+        for layer_index in range(self.config.num_layers):
+            layers = [adapter.layers[layer_index] for adapter in self.task_adapters]
+            weights = {}
+            for name in TASK_PROJECTIONS:
+                if lowrank:
+                    first = _by_group([getattr(layer, f"{name}_down") for layer in layers], task_ids)
+                    second = _by_group([getattr(layer, f"{name}_up") for layer in layers], task_ids)
+                else:
+                    first = _by_group([getattr(layer, f"{name}_weight").t() for layer in layers], task_ids)
+                    second = _by_group([getattr(layer, f"{name}_bias")[None] for layer in layers], task_ids)
+                weights[name] = (first, second)
+            per_layer.append(weights)
+        return per_layer
+
+    def _heads(self, task_states: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """Apply each group's head to `task_states` (B, G, D); returns `(B, G, L_max)` with -inf padding."""
+        num_labels = [adapter.head.classifier.out_features for adapter in self.task_adapters]
+        max_labels = max(num_labels)
+        weights, biases = [], []
+        for adapter, count in zip(self.task_adapters, num_labels):
+            pad = max_labels - count
+            weights.append(F.pad(adapter.head.classifier.weight, (0, 0, 0, pad)))
+            biases.append(F.pad(adapter.head.classifier.bias, (0, pad), value=float("-inf")))
+
+        norm_weight = _by_group([adapter.head.norm.weight for adapter in self.task_adapters], task_ids)
+        norm_bias = _by_group([adapter.head.norm.bias for adapter in self.task_adapters], task_ids)
+        normed = F.layer_norm(task_states, (task_states.shape[-1],), eps=self.config.layer_norm_eps)
+        normed = normed * norm_weight + norm_bias  # (B, G, D)
+        # An explicit product and sum over D: each logit is computed the same way whatever L_max is, so adding a task
+        # with more labels leaves the other tasks' logits bit-identical.
+        return (_by_group(weights, task_ids) * normed[:, :, None, :]).sum(-1) + _by_group(biases, task_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | int | str | None = None,
+        labels: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DTGMAOutput | tuple:
+        r"""
+        Args:
+            inputs_embeds: `(B, N, input_dim)` token features (backbone hidden states or image patches).
+            attention_mask: `(B, N)`, 1 for real tokens and 0 for padding; all ones when not given.
+            task_ids: `(B,)` task ids (a batch may mix tasks), or one id / task name for the whole batch. `None`
+                evaluates every registered task in one pass.
+            labels: `(B,)` label indices within each row's task; gives `loss` (needs `task_ids`).
+            input_ids / pixel_values: raw inputs, run through the attached backbone (see `attach_backbone`).
+            output_attentions: also return the attention weights of every layer.
+            output_hidden_states: also return the sequence states after every layer.
+        """
+        if sum(value is not None for value in (inputs_embeds, input_ids, pixel_values)) != 1:
+            raise ValueError("Pass exactly one of `inputs_embeds`, `input_ids` or `pixel_values`.")
+        if inputs_embeds is None:
+            inputs_embeds, attention_mask = self._features_from_backbone(input_ids, pixel_values, attention_mask)
+        inputs_embeds, attention_mask = self._check_inputs(inputs_embeds, attention_mask)
+        task_ids = self._check_task_ids(task_ids, inputs_embeds.shape[0], inputs_embeds.device)
+        batch = inputs_embeds.shape[0]
+        per_task = self.config.num_task_tokens
+        groups = len(self.task_adapters) if task_ids is None else 1
+
+        input_x = self.input_proj(self.input_norm(inputs_embeds.to(self.input_proj.weight.dtype)))  # (B, N, D)
+        tokens = [adapter.task_tokens for adapter in self.task_adapters]
+        task_x = _by_group(tokens, task_ids).expand(batch, -1, -1, -1)  # (B, G, n, D)
+        mask = task_graph_mask(groups, per_task, attention_mask)  # (B, 1, S, S)
+
+        def sequence() -> torch.Tensor:
+            return torch.cat([task_x.reshape(batch, groups * per_task, -1), input_x], dim=1)
+
+        all_hidden = (sequence(),) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer, weights in zip(self.layers, self._gather_task_weights(task_ids)):
+            task_x, input_x, attn = layer(task_x, input_x, mask, weights, output_attentions=output_attentions)
+            if output_hidden_states:
+                all_hidden += (sequence(),)
+            if output_attentions:
+                all_attentions += (attn,)
+
+        task_states = task_x.mean(dim=2)  # (B, G, D)
+        logits = self._heads(task_states, task_ids)  # (B, G, L_max)
+        if task_ids is not None:
+            logits, task_states = logits[:, 0], task_states[:, 0]
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, task_ids)
+        output = DTGMAOutput(
+            loss=loss, logits=logits, task_states=task_states, hidden_states=all_hidden, attentions=all_attentions
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        if task_ids is None:
+            raise ValueError("`labels` need `task_ids`: the loss is computed within each row's task.")
+        labels = labels.to(logits.device).long()
+        counts = torch.tensor([len(task["labels"]) for task in self.config.tasks], device=logits.device)
+        if labels.shape != task_ids.shape or bool(((labels < 0) | (labels >= counts[task_ids])).any()):
+            raise ValueError(
+                f"`labels` must be a ({task_ids.shape[0]},) tensor of label indices within each row's task "
+                f"(task label counts: {dict(zip(self.tasks, counts.tolist()))}); got {labels.tolist()}."
+            )
+        return F.cross_entropy(logits.float(), labels)
+
+    def _check_inputs(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.task_adapters:
+            raise ValueError("The model has no task yet: call `model.add_task(name, labels=[...])` first.")
+        if inputs_embeds.dim() != 3:
+            raise ValueError(
+                f"`inputs_embeds` must be (batch, tokens, {self.config.input_dim}) token features, "
+                f"got shape {tuple(inputs_embeds.shape)}."
+            )
+        if inputs_embeds.shape[-1] != self.config.input_dim:
+            raise ValueError(
+                f"Feature width {inputs_embeds.shape[-1]} differs from config.input_dim={self.config.input_dim}: "
+                "use the backbone (and layer) the model was built for, or build a model with a matching input_dim."
+            )
+        if attention_mask is None:
+            return inputs_embeds, torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch, tokens) = {tuple(inputs_embeds.shape[:2])}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        attention_mask = attention_mask.to(inputs_embeds.device)
+        empty_rows = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+        if empty_rows:
+            raise ValueError(f"`attention_mask` rows {empty_rows} have no real token (all zeros); drop those examples.")
+        return inputs_embeds, attention_mask
+
+    def _check_task_ids(
+        self, task_ids: torch.Tensor | int | str | None, batch: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if task_ids is None:
+            return None
+        if isinstance(task_ids, str):
+            task_ids = self.task_index(task_ids)
+        task_ids = torch.as_tensor(task_ids, device=device)
+        if task_ids.dim() == 0:
+            task_ids = task_ids.expand(batch)
+        if task_ids.shape != (batch,) or task_ids.is_floating_point():
+            raise ValueError(f"`task_ids` must be an integer tensor of shape ({batch},), got {tuple(task_ids.shape)}.")
+        if bool(((task_ids < 0) | (task_ids >= len(self.task_adapters))).any()):
+            raise ValueError(
+                f"`task_ids` {task_ids.tolist()} out of range: task ids are 0..{len(self.task_adapters) - 1} "
+                f"for tasks {self.tasks}."
+            )
+        return task_ids.long()
+
+    # --------------------------------------------------------------- adapters
+
+    def base_fingerprint(self) -> str:
+        """SHA-256 of the shared (frozen) weights and the shape config: what every task's parameters depend on.
+
+        Weights are hashed after rounding to bfloat16, so the same base loaded in float32, float16 or bfloat16
+        gives the same fingerprint, while any retraining of the shared weights changes it.
+        """
+        digest = hashlib.sha256(json.dumps(self.config.adapter_shape_config(), sort_keys=True).encode())
+        for name, param in sorted(
+            ((n, p) for n, p in self.named_parameters() if not n.startswith("task_adapters.")), key=lambda item: item[0]
+        ):
+            digest.update(f"{name}:{tuple(param.shape)}".encode())
+            digest.update(param.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        return digest.hexdigest()
+
+    def adapter_metadata(self, name: str) -> dict[str, Any]:
+        """What `save_task` writes to `adapter_config.json` for task `name`."""
+        return {
+            "library": "hf_dtgma",
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "task": name,
+            "labels": self.task_labels(name),
+            "shape_config": self.config.adapter_shape_config(),
+            "base_fingerprint": self.base_fingerprint(),
+            "backbone": self.config.backbone,
+            "num_parameters": self.num_task_parameters(name),
+        }
+
+    def save_task(self, name: str, save_directory: str | os.PathLike) -> Path:
+        """Save task `name` alone: `adapter_model.safetensors` (its tensors) + `adapter_config.json` (metadata).
+
+        Both files are written to temporary names and renamed, so an interrupted save never leaves a half file.
+        """
+        adapter = self.task_adapters[self.task_index(name)]
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.state_dict().items()}
+        metadata = self.adapter_metadata(name)
+        with _atomic_path(save_directory / ADAPTER_WEIGHTS_NAME) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt", "task": name, "library": "hf_dtgma"})
+        with _atomic_path(save_directory / ADAPTER_CONFIG_NAME) as tmp:
+            Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n")
+        return save_directory
+
+    def load_task(self, adapter_directory: str | os.PathLike, name: str | None = None) -> int:
+        """Add a task saved by `save_task` (name, labels, weights) to this model; returns its task id.
+
+        The adapter must come from a model with the same shape config and the same shared (frozen) weights: its
+        `base_fingerprint` must match this model's. The loaded task is finished, so it and the shared weights are
+        frozen. Nothing changes on this model if any check fails.
+
+        Args:
+            adapter_directory: a folder written by `save_task`.
+            name: register the task under this name instead of the saved one.
+        """
+        adapter_directory = Path(adapter_directory)
+        config_path, weights_path = adapter_directory / ADAPTER_CONFIG_NAME, adapter_directory / ADAPTER_WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"No {path.name} in {adapter_directory}: point to a folder written by save_task.")
+        try:
+            metadata = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path} is not valid JSON ({error}); the adapter is corrupted.") from error
+        if metadata.get("library") != "hf_dtgma" or metadata.get("format_version") != ADAPTER_FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} is not an hf_dtgma adapter of format version {ADAPTER_FORMAT_VERSION} "
+                f"(library={metadata.get('library')!r}, format_version={metadata.get('format_version')!r})."
+            )
+        self._check_adapter_compatible(metadata, adapter_directory)
+        try:
+            tensors = load_file(weights_path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{weights_path} could not be read ({error}); the adapter file is corrupted.") from error
+
+        labels = self._check_labels(metadata["task"], metadata["labels"])
+        expected = DTGMATaskAdapter(self.config, len(labels)).state_dict()
+        wrong = sorted(set(expected) ^ set(tensors)) + sorted(
+            key for key in set(expected) & set(tensors) if expected[key].shape != tensors[key].shape
+        )
+        if wrong:
+            raise ValueError(f"{weights_path} does not match the task layout of this model (keys {wrong[:6]} ...).")
+
+        index = self.add_task(name or metadata["task"], labels)
+        adapter = self.task_adapters[index]
+        with torch.no_grad():
+            for key, value in adapter.state_dict().items():
+                value.copy_(tensors[key])
+        self.freeze_task(self.tasks[index])
+        return index
+
+    def _check_adapter_compatible(self, metadata: dict[str, Any], source: Path) -> None:
+        ours = self.config.adapter_shape_config()
+        theirs = metadata.get("shape_config", {})
+        differing = [f"{key}: adapter {theirs.get(key)!r} vs model {value!r}" for key, value in ours.items() if theirs.get(key) != value]
+        if differing:
+            raise ValueError(f"Adapter {source} was saved from a model of another shape ({'; '.join(differing)}).")
+        if self.config.backbone and metadata.get("backbone") and metadata["backbone"] != self.config.backbone:
+            raise ValueError(
+                f"Adapter {source} was trained on backbone {metadata['backbone']}, this model on {self.config.backbone}."
+            )
+        fingerprint = self.base_fingerprint()
+        if metadata.get("base_fingerprint") != fingerprint:
+            raise ValueError(
+                f"Adapter {source} was trained on other shared weights (base fingerprint "
+                f"{str(metadata.get('base_fingerprint'))[:12]}… vs this model's {fingerprint[:12]}…). Load it into a "
+                "model built from the same base: the checkpoint its first task was trained in."
+            )
+
+    # ---------------------------------------------------------- persistence
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint whose weights disagree with its config is an error."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(map(str, info[key]))[:6] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+        if problems:
+            raise ValueError(
+                f"The checkpoint's weights do not match its config ({problems}); it was saved by another version or "
+                "edited by hand. Re-save it with save_pretrained."
+            )
+        # Loaded tensors can be views at unaligned offsets of the checkpoint buffer, and vectorised CPU kernels round
+        # differently on unaligned data: fresh copies make a loaded model compute bit-identically to the saved one.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.clone()
+        model._apply_frozen_state()
+        return (model, info) if output_loading_info else model
+
+
+class _atomic_path:
+    """Context manager giving a temporary path next to `target`, renamed onto `target` on success."""
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> str:
+        handle, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        os.close(handle)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+DTGMAConfig.register_for_auto_class()
+DTGMAModel.register_for_auto_class("AutoModel")
+
+__all__ = ["DTGMAModel", "DTGMAPreTrainedModel", "DTGMAOutput", "task_graph_mask"]

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from hf_dtgma import DTGMAConfig, DTGMAModel
+
+INPUT_DIM = 12
+
+
+def make_model(seed: int = 0, **overrides) -> DTGMAModel:
+    """A tiny DTG-MA model (no tasks yet), deterministic for a given seed."""
+    torch.manual_seed(seed)
+    config = dict(input_dim=INPUT_DIM, hidden_size=16, num_layers=2, num_heads=2, task_rank=4, hidden_dropout=0.0)
+    config.update(overrides)
+    return DTGMAModel(DTGMAConfig(**config))
+
+
+def make_features(batch: int = 5, tokens: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token features and a mask with some right padding (every row keeps >= 2 real tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, tokens, INPUT_DIM, generator=generator)
+    lengths = torch.randint(2, tokens + 1, (batch,), generator=generator)
+    mask = (torch.arange(tokens)[None] < lengths[:, None]).long()
+    return features, mask
+
+
+def train_steps(model: DTGMAModel, task: str, steps: int = 15, seed: int = 2) -> None:
+    """A few AdamW steps on random labels of `task`, over every parameter that requires grad."""
+    model.train()
+    features, mask = make_features(batch=8, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(model.task_labels(task)), (8,), generator=generator)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        loss = model(inputs_embeds=features, attention_mask=mask, task_ids=task, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture
+def two_task_model() -> DTGMAModel:
+    model = make_model()
+    model.add_task("sentiment", labels=["positive", "negative"])
+    model.add_task("topic", labels=["finance", "science", "sports"])
+    return model.eval()

@@ -1,0 +1,62 @@
+"""Must-show 2: a finished task's logits are bit-identical after later tasks train."""
+
+import pytest
+import torch
+
+from conftest import make_features, make_model, train_steps
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "full"])
+def test_training_a_new_task_leaves_old_logits_bit_identical(mode):
+    model = make_model(task_param_mode=mode)
+    model.add_task("A", labels=["neg", "pos"])
+    shared_before = [p.detach().clone() for p in model.shared_parameters()]
+    train_steps(model, "A", seed=3)
+    assert any(not torch.equal(a, p) for a, p in zip(shared_before, model.shared_parameters())), "shared must train on the first task"
+
+    features, mask = make_features(batch=6, seed=11)
+    task_a = torch.zeros(6, dtype=torch.long)
+    reference = model(inputs_embeds=features, attention_mask=mask, task_ids=task_a).logits
+    state_a = {k: v.clone() for k, v in model.task_adapters[0].state_dict().items()}
+
+    model.add_task("B", labels=["x", "y", "z"])  # more labels: the logits get wider
+    assert all(not p.requires_grad for p in model.shared_parameters())
+    assert all(not p.requires_grad for p in model.task_adapters[0].parameters())
+    train_steps(model, "B", steps=20, seed=4)
+    model.add_task("C", labels=[str(i) for i in range(5)])
+    train_steps(model, "C", steps=10, seed=5)
+
+    after = model(inputs_embeds=features, attention_mask=mask, task_ids=task_a).logits
+    assert after.shape == (6, 5)
+    assert torch.equal(after[:, :2], reference)
+    assert torch.isinf(after[:, 2:]).all() and (after[:, 2:] < 0).all()
+    for key, value in model.task_adapters[0].state_dict().items():
+        assert torch.equal(value, state_a[key]), key
+
+    # The same rows inside a batch that mixes tasks: still bit-identical.
+    mixed = torch.tensor([0, 1, 0, 2, 0, 1])
+    mixed_logits = model(inputs_embeds=features, attention_mask=mask, task_ids=mixed).logits
+    assert torch.equal(mixed_logits[mixed == 0, :2], reference[mixed == 0])
+
+
+def test_new_task_does_learn():
+    model = make_model()
+    model.add_task("A", labels=["neg", "pos"])
+    train_steps(model, "A")
+    model.add_task("B", labels=["x", "y", "z"])
+    before = {k: v.clone() for k, v in model.task_adapters[1].state_dict().items()}
+    train_steps(model, "B", seed=4)
+    assert any(not torch.equal(v, before[k]) for k, v in model.task_adapters[1].state_dict().items())
+
+
+def test_shared_training_never_keeps_shared_frozen_from_the_start():
+    model = make_model(shared_training="never")
+    model.add_task("A", labels=["neg", "pos"])
+    assert all(not p.requires_grad for p in model.shared_parameters())
+    assert all(p.requires_grad for p in model.task_adapters[0].parameters())
+
+
+def test_freeze_task_sets_requires_grad_false(two_task_model):
+    two_task_model.freeze_task("topic")
+    assert all(not p.requires_grad for p in two_task_model.task_adapters[1].parameters())
+    assert two_task_model.config.tasks[1]["frozen"] is True

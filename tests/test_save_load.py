@@ -1,0 +1,103 @@
+"""Must-show 4: save_pretrained / from_pretrained round trips, in-library and through remote code."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from conftest import make_features, make_model, train_steps
+from hf_dtgma import DTGMAConfig, DTGMAModel
+
+
+@pytest.fixture
+def trained(tmp_path):
+    model = make_model()
+    for name, labels in (("sentiment", ["pos", "neg"]), ("topic", ["finance", "science", "sports"])):
+        model.add_task(name, labels=labels)
+        train_steps(model, name, steps=5)
+    model.save_pretrained(tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+def every_task_logits(model, features, mask):
+    return [model(inputs_embeds=features, attention_mask=mask, task_ids=t).logits for t in range(len(model.tasks))]
+
+
+def test_round_trip_gives_identical_logits_for_every_task(trained):
+    model, path = trained
+    features, mask = make_features()
+    loaded = DTGMAModel.from_pretrained(path).eval()
+    assert loaded.tasks == ["sentiment", "topic"] and loaded.task_labels("topic") == ["finance", "science", "sports"]
+    for ours, theirs in zip(every_task_logits(model, features, mask), every_task_logits(loaded, features, mask)):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(model(inputs_embeds=features).logits, loaded(inputs_embeds=features).logits)
+    # the frozen state travels with the config
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
+
+
+def test_saved_folder_holds_the_remote_code(trained):
+    _, path = trained
+    assert {"config.json", "model.safetensors", "modeling_dtgma.py", "configuration_dtgma.py"} <= set(os.listdir(path))
+    config = json.loads((path / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_dtgma.DTGMAConfig", "AutoModel": "modeling_dtgma.DTGMAModel"}
+    assert [task["name"] for task in config["tasks"]] == ["sentiment", "topic"]
+
+
+def test_auto_classes_in_library(trained):
+    model, path = trained
+    assert isinstance(AutoConfig.from_pretrained(path), DTGMAConfig)
+    loaded = AutoModel.from_pretrained(path).eval()
+    assert type(loaded) is DTGMAModel
+    features, mask = make_features()
+    assert torch.equal(loaded(inputs_embeds=features, attention_mask=mask).logits, model(inputs_embeds=features, attention_mask=mask).logits)
+
+
+def test_trust_remote_code_without_hf_dtgma(trained, tmp_path):
+    model, path = trained
+    features, mask = make_features()
+    torch.save({"features": features, "mask": mask}, tmp_path / "inputs.pt")
+    expected = torch.stack(every_task_logits(model, features, mask))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_dtgma"] = None  # hf_dtgma is not importable in this process
+        try:
+            import hf_dtgma
+            raise SystemExit("hf_dtgma should not be importable")
+        except ImportError:
+            pass
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
+        logits = [model(inputs_embeds=inputs["features"], attention_mask=inputs["mask"], task_ids=t).logits
+                  for t in range(len(model.tasks))]
+        torch.save(torch.stack(logits), {str(tmp_path / "remote.pt")!r})
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "remote.pt", weights_only=True), expected)
+
+
+def test_weights_that_disagree_with_the_config_are_an_error(trained):
+    _, path = trained
+    config = json.loads((path / "config.json").read_text())
+    config["tasks"].append({"name": "extra", "labels": ["a", "b"], "frozen": False})
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing_keys"):
+        DTGMAModel.from_pretrained(path)
+
+
+def test_config_round_trip_keeps_task_settings():
+    config = DTGMAConfig(input_dim=8, hidden_size=16, num_heads=2, task_param_mode="full", num_task_tokens=3)
+    again = DTGMAConfig.from_dict(config.to_dict())
+    assert again.adapter_shape_config() == config.adapter_shape_config()
+    assert again.intermediate_size == 64
