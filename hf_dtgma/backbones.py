@@ -75,10 +75,14 @@ class TextBackbone(nn.Module):
         revision: str | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
+        tokenizer_name_or_path: str | None = None,
         **kwargs: Any,
     ) -> TextBackbone:
-        """Load model and tokenizer from the Hub or a local folder (`kwargs` go to both `from_pretrained` calls)."""
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, **kwargs)
+        """Load model and tokenizer from the Hub or a local folder (`kwargs` go to both `from_pretrained` calls).
+
+        The tokenizer comes from `tokenizer_name_or_path` when given, else from `name_or_path`.
+        """
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision, **kwargs)
         model = AutoModel.from_pretrained(name_or_path, revision=revision, dtype=dtype, **kwargs)
         if device is not None:
             model = model.to(device)

@@ -1,0 +1,113 @@
+"""Must-show 6: frozen backbones: a text model (tiny Qwen2 built in code) and the patch embedder."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+
+from hf_dtgma import DTGMAConfig, DTGMAModel
+from hf_dtgma.backbones import PatchEmbedder, TextBackbone
+
+WORDS = "the market rallied a new comet was found stocks fell after rates rose team won final match".split()
+TEXTS = ["the market rallied", "a new comet was found after the match", "stocks fell", "team won the final"]
+
+
+def tiny_qwen() -> tuple[Qwen2Model, PreTrainedTokenizerFast]:
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{word: i + 3 for i, word in enumerate(dict.fromkeys(WORDS))}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return Qwen2Model(config).eval(), hf_tokenizer
+
+
+@pytest.fixture(scope="module")
+def backbone() -> TextBackbone:
+    model, tokenizer = tiny_qwen()
+    return TextBackbone(model, tokenizer, layer=-1, name="tiny-qwen2")
+
+
+def encode(backbone: TextBackbone, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone.tokenizer.padding_side = side
+    return backbone.encode(TEXTS)
+
+
+def test_left_and_right_padding_give_the_same_features(backbone):
+    left, left_mask = encode(backbone, "left")
+    right, right_mask = encode(backbone, "right")
+    assert left.shape == right.shape == (4, 8, 32)
+    assert backbone.tokenizer.pad_token == "<eos>"  # set from EOS, as for Qwen-style tokenizers without one
+    assert not torch.equal(left_mask, right_mask)
+    for row in range(len(TEXTS)):
+        torch.testing.assert_close(left[row][left_mask[row].bool()], right[row][right_mask[row].bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_dtgma_reads_the_backbone_with_either_padding(backbone):
+    model = DTGMAModel(DTGMAConfig(input_dim=backbone.hidden_size, hidden_size=16, num_heads=2)).eval()
+    model.add_task("news", labels=["finance", "science", "sports"])
+    model.attach_backbone(backbone)
+    assert model.config.backbone == {"type": "text", "name": "tiny-qwen2", "revision": None, "layer": -1}
+    assert model.attached_backbone is backbone and not any(n.startswith("attached") for n, _ in model.named_parameters())
+    backbone.tokenizer.padding_side = "left"
+    batch = backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    from_ids = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=0).logits
+    features, mask = backbone(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(from_ids, model(inputs_embeds=features, attention_mask=mask, task_ids=0).logits)
+    right, right_mask = encode(backbone, "right")
+    torch.testing.assert_close(model(inputs_embeds=right, attention_mask=right_mask, task_ids=0).logits, from_ids, rtol=1e-5, atol=1e-5)
+
+
+def test_other_layers_and_loading_from_a_folder(tmp_path):
+    model, tokenizer = tiny_qwen()
+    model.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")  # beside a qwen2 config, AutoTokenizer would pick Qwen2's class
+    loaded = TextBackbone.from_pretrained(
+        str(tmp_path / "qwen"), layer=1, dtype=torch.float32, tokenizer_name_or_path=str(tmp_path / "tokenizer")
+    )
+    embeddings = TextBackbone(model, tokenizer, layer=0)
+    hidden_1, mask = loaded.encode(TEXTS[:2])
+    hidden_0, _ = embeddings.encode(TEXTS[:2])
+    assert hidden_1.shape == hidden_0.shape == (2, 8, 32) and not torch.allclose(hidden_1, hidden_0)
+    assert loaded.identity["layer"] == 1 and all(not p.requires_grad for p in loaded.parameters())
+    with pytest.raises(ValueError, match="layer"):
+        TextBackbone(model, tokenizer, layer=3)
+
+
+def test_a_different_backbone_is_refused(backbone):
+    model = DTGMAModel(DTGMAConfig(input_dim=32, hidden_size=16, num_heads=2, backbone={"type": "text", "name": "Qwen/Qwen2.5-1.5B", "revision": None, "layer": -1}))
+    with pytest.raises(ValueError, match="built on backbone"):
+        model.attach_backbone(backbone)
+
+
+def test_inputs_ids_without_a_backbone_is_a_clear_error():
+    model = DTGMAModel(DTGMAConfig(input_dim=32, hidden_size=16, num_heads=2))
+    model.add_task("a", labels=["x", "y"])
+    with pytest.raises(ValueError, match="attach_backbone"):
+        model(input_ids=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_patch_embedder_tokens_and_model_on_pixels():
+    torch.manual_seed(0)
+    embedder = PatchEmbedder(image_size=28, patch_size=7, num_channels=1, hidden_size=24)
+    images = torch.rand(3, 1, 28, 28)
+    tokens, mask = embedder(images)
+    assert tokens.shape == (3, 16, 24) and mask.shape == (3, 16) and bool(mask.all())
+    # a patch's token depends on that patch only (plus its position)
+    changed = images.clone()
+    changed[:, :, :7, :7] = 0
+    new_tokens, _ = embedder(changed)
+    assert not torch.allclose(new_tokens[:, 0], tokens[:, 0]) and torch.equal(new_tokens[:, 1:], tokens[:, 1:])
+
+    model = DTGMAModel(DTGMAConfig(input_dim=24, hidden_size=16, num_heads=2)).eval()
+    model.add_task("digits", labels=["0", "1"])
+    model.attach_backbone(embedder)
+    assert model.config.backbone["type"] == "patch"
+    assert torch.equal(model(pixel_values=images, task_ids=0).logits, model(inputs_embeds=tokens, task_ids=0).logits)
+    with pytest.raises(ValueError, match=r"pixel_values.*\(batch, 1, 28, 28\)"):
+        embedder(torch.rand(3, 3, 28, 28))
+    with pytest.raises(ValueError, match="multiple of"):
+        PatchEmbedder(image_size=30, patch_size=7)
