@@ -54,9 +54,12 @@ class DTGMAConfig(PreTrainedConfig):
             DTG-MA design, about 1.58 M parameters per task at `hidden_size=256`), kept for comparison.
         task_rank (`int`, defaults to 8):
             Rank of the per-task deltas in `"lowrank"` mode.
-        shared_training (`str`, defaults to `"first_task"`):
+        shared_training (`str`, defaults to `"never"`):
             When the shared parameters (input projection, norms, shared attention and feed-forward weights) train.
-            `"first_task"`: with the first task, then frozen for good. `"never"`: frozen from the start.
+            `"never"`: frozen from the start, so every task adapts the same fixed encoder through its own tokens,
+            deltas and head. `"first_task"`: trained with the first task, then frozen for good. On the 10 CLINC150
+            domains `"never"` measured 95.0% average validation accuracy against 89.8% (the first task's fit
+            hurts every later task; `scripts/measure_shared_training.py`).
         hidden_dropout (`float`, defaults to 0.1):
             Dropout on the residual branches.
         attention_dropout (`float`, defaults to 0.0):
@@ -97,7 +100,7 @@ class DTGMAConfig(PreTrainedConfig):
         num_task_tokens: int = 1,
         task_param_mode: str = "lowrank",
         task_rank: int = 8,
-        shared_training: str = "first_task",
+        shared_training: str = "never",
         hidden_dropout: float = 0.1,
         attention_dropout: float = 0.0,
         hidden_act: str = "gelu",

@@ -6,13 +6,15 @@ import torch
 from conftest import make_features, make_model, train_steps
 
 
+@pytest.mark.parametrize("shared_training", ["never", "first_task"])
 @pytest.mark.parametrize("mode", ["lowrank", "full"])
-def test_training_a_new_task_leaves_old_logits_bit_identical(mode):
-    model = make_model(task_param_mode=mode)
+def test_training_a_new_task_leaves_old_logits_bit_identical(mode, shared_training):
+    model = make_model(task_param_mode=mode, shared_training=shared_training)
     model.add_task("A", labels=["neg", "pos"])
     shared_before = [p.detach().clone() for p in model.shared_parameters()]
     train_steps(model, "A", seed=3)
-    assert any(not torch.equal(a, p) for a, p in zip(shared_before, model.shared_parameters())), "shared must train on the first task"
+    shared_moved = any(not torch.equal(a, p) for a, p in zip(shared_before, model.shared_parameters()))
+    assert shared_moved == (shared_training == "first_task")
 
     features, mask = make_features(batch=6, seed=11)
     task_a = torch.zeros(6, dtype=torch.long)
@@ -49,11 +51,14 @@ def test_new_task_does_learn():
     assert any(not torch.equal(v, before[k]) for k, v in model.task_adapters[1].state_dict().items())
 
 
-def test_shared_training_never_keeps_shared_frozen_from_the_start():
-    model = make_model(shared_training="never")
+@pytest.mark.parametrize("shared_training, shared_trains", [("never", False), ("first_task", True)])
+def test_shared_parameters_train_only_when_configured(shared_training, shared_trains):
+    model = make_model(shared_training=shared_training)
     model.add_task("A", labels=["neg", "pos"])
-    assert all(not p.requires_grad for p in model.shared_parameters())
+    assert all(p.requires_grad == shared_trains for p in model.shared_parameters())
     assert all(p.requires_grad for p in model.task_adapters[0].parameters())
+    model.add_task("B", labels=["x", "y"])  # the first task is finished: the shared weights freeze for good
+    assert all(not p.requires_grad for p in model.shared_parameters())
 
 
 def test_freeze_task_sets_requires_grad_false(two_task_model):
