@@ -124,10 +124,9 @@ class DTGMATaskLayer(nn.Module):
 
     def __init__(self, config: DTGMAConfig):
         super().__init__()
-        self.mode = config.task_param_mode
         for name, dims in TASK_PROJECTIONS.items():
             fan_in, fan_out = dims(config)
-            if self.mode == "lowrank":
+            if config.task_param_mode == "lowrank":
                 self.register_parameter(f"{name}_down", nn.Parameter(torch.empty(fan_in, config.task_rank)))
                 self.register_parameter(f"{name}_up", nn.Parameter(torch.empty(config.task_rank, fan_out)))
             else:
@@ -223,7 +222,6 @@ class DTGMALayer(nn.Module):
         q = heads(*self._project("q", task_n, input_n, task_weights))
         k = heads(*self._project("k", task_n, input_n, task_weights))
         v = heads(*self._project("v", task_n, input_n, task_weights))
-        mask = mask.to(q.dtype)
         dropout_p = self.attention_dropout if self.training else 0.0
         weights = None
         if output_attentions:  # the explicit form, so the weights can be returned
@@ -467,7 +465,6 @@ class DTGMAModel(DTGMAPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> DTGMAOutput | tuple:
         r"""
         Args:
@@ -493,7 +490,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         input_x = self.input_proj(self.input_norm(inputs_embeds.to(self.input_proj.weight.dtype)))  # (B, N, D)
         tokens = [adapter.task_tokens for adapter in self.task_adapters]
         task_x = _by_group(tokens, task_ids).expand(batch, -1, -1, -1)  # (B, G, n, D)
-        mask = task_graph_mask(groups, per_task, attention_mask)  # (B, 1, S, S)
+        mask = task_graph_mask(groups, per_task, attention_mask).to(input_x.dtype)  # (B, 1, S, S)
 
         def sequence() -> torch.Tensor:
             return torch.cat([task_x.reshape(batch, groups * per_task, -1), input_x], dim=1)

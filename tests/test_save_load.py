@@ -87,13 +87,43 @@ def test_trust_remote_code_without_hf_dtgma(trained, tmp_path):
     assert torch.equal(torch.load(tmp_path / "remote.pt", weights_only=True), expected)
 
 
-def test_weights_that_disagree_with_the_config_are_an_error(trained):
+def add_a_task(tasks):
+    tasks.append({"name": "extra", "labels": ["a", "b"], "frozen": False})
+
+
+def drop_a_task(tasks):
+    tasks.pop()
+
+
+def add_a_label(tasks):
+    tasks[0]["labels"].append("neutral")
+
+
+@pytest.mark.parametrize(
+    "edit, error, problem",
+    [
+        (add_a_task, ValueError, "missing_keys"),
+        (drop_a_task, ValueError, "unexpected_keys"),
+        (add_a_label, RuntimeError, "ignore_mismatched_sizes"),  # transformers' own error for a shape mismatch
+    ],
+)
+def test_weights_that_disagree_with_the_config_are_an_error(trained, edit, error, problem):
     _, path = trained
     config = json.loads((path / "config.json").read_text())
-    config["tasks"].append({"name": "extra", "labels": ["a", "b"], "frozen": False})
+    edit(config["tasks"])
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="missing_keys"):
+    with pytest.raises(error, match=problem):
         DTGMAModel.from_pretrained(path)
+
+
+def test_fingerprint_survives_a_change_of_precision(trained):
+    model, _ = trained
+    fingerprint = model.base_fingerprint()
+    half = model.to(torch.bfloat16)
+    assert half.base_fingerprint() == fingerprint
+    features, mask = make_features()
+    logits = half(inputs_embeds=features, attention_mask=mask, task_ids=1).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
 def test_config_round_trip_keeps_task_settings():
