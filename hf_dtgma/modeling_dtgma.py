@@ -615,9 +615,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
         save_directory.mkdir(parents=True, exist_ok=True)
         tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.state_dict().items()}
         metadata = self.adapter_metadata(name)
-        with _atomic_path(save_directory / ADAPTER_WEIGHTS_NAME) as tmp:
+        with atomic_path(save_directory / ADAPTER_WEIGHTS_NAME) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt", "task": name, "library": "hf_dtgma"})
-        with _atomic_path(save_directory / ADAPTER_CONFIG_NAME) as tmp:
+        with atomic_path(save_directory / ADAPTER_CONFIG_NAME) as tmp:
             Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n")
         return save_directory
 
@@ -708,7 +708,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         return (model, info) if output_loading_info else model
 
 
-class _atomic_path:
+class atomic_path:
     """Context manager giving a temporary path next to `target`, renamed onto `target` on success."""
 
     def __init__(self, target: Path):

@@ -1,0 +1,97 @@
+"""Frozen-backbone features, computed once and cached on disk with `datasets`.
+
+A text dataset is mapped through a `TextBackbone` once (`Dataset.map(batched=True)`); the result is written to an
+Arrow file whose name is a fingerprint of everything that determines the features: the backbone's identity (name,
+revision, layer), the maximum length and the texts themselves. Every later epoch, task and run with the same
+fingerprint reads the file and never calls the backbone.
+
+Only real tokens are stored (no padding), as float16: `features` is a `(n_tokens, D)` array per example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Array2D, Dataset, Features
+
+from .backbones import DeferredTextBackbone, TextBackbone
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("HF_DTGMA_CACHE", Path.home() / ".cache" / "hf_dtgma")) / "features"
+
+
+def features_fingerprint(backbone: TextBackbone | DeferredTextBackbone, texts: list[str]) -> str:
+    """SHA-256 (first 32 hex digits) of the backbone identity, the maximum length and the texts."""
+    digest = hashlib.sha256(json.dumps({**backbone.identity, "max_length": backbone.max_length}, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def cache_features(
+    dataset: Dataset,
+    backbone: TextBackbone | DeferredTextBackbone,
+    text_column: str = "text",
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Add a `features` column (float16 `(n_real_tokens, D)` per example) computed by `backbone`, cached on disk.
+
+    Args:
+        dataset: a dataset with a `text_column`.
+        backbone: the frozen text backbone.
+        batch_size: texts per backbone call.
+        cache_dir: where the Arrow files live (default `~/.cache/hf_dtgma/features`, or `$HF_DTGMA_CACHE/features`).
+
+    Returns:
+        `dataset` with the extra `features` column. A second call with the same backbone, length and texts loads
+        the cached file without running the backbone.
+    """
+    if text_column not in dataset.column_names:
+        raise ValueError(f"The dataset has no {text_column!r} column (columns: {dataset.column_names}).")
+    if len(dataset) == 0:
+        raise ValueError("Cannot compute features of an empty dataset: check the split and the filters.")
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = features_fingerprint(backbone, dataset[text_column])
+    features = Features({**dataset.features, "features": Array2D(shape=(None, backbone.hidden_size), dtype="float16")})
+
+    def encode(batch: dict) -> dict:
+        hidden, mask = backbone.encode(batch[text_column])
+        hidden = hidden.to(torch.float16).cpu().numpy()
+        real = mask.bool().cpu().numpy()
+        return {"features": [np.ascontiguousarray(h[row]) for h, row in zip(hidden, real)]}
+
+    return dataset.map(
+        encode,
+        batched=True,
+        batch_size=batch_size,
+        features=features,
+        cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
+        new_fingerprint=fingerprint,
+        desc=f"Backbone features ({backbone.name})",
+    )
+
+
+def collate_features(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Pad a list of `{"features": (n_i, D), "label": int, ...}` examples into a batch.
+
+    Returns `inputs_embeds (B, N_max, D)`, `attention_mask (B, N_max)` and `labels (B,)` (and `task_ids (B,)` when
+    the examples carry a `task_id`).
+    """
+    tokens = [torch.as_tensor(example["features"]) for example in examples]
+    lengths = torch.tensor([len(t) for t in tokens])
+    inputs = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+    batch = {
+        "inputs_embeds": inputs,
+        "attention_mask": (torch.arange(inputs.shape[1])[None] < lengths[:, None]).long(),
+        "labels": torch.tensor([int(example["label"]) for example in examples]),
+    }
+    if "task_id" in examples[0]:
+        batch["task_ids"] = torch.tensor([int(example["task_id"]) for example in examples])
+    return batch

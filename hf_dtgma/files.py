@@ -1,0 +1,19 @@
+"""Atomic file writes: every file lands under its real name complete, or not at all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .modeling_dtgma import atomic_path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, then rename it onto `path`."""
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """`write_text_atomic` of `payload` as indented JSON."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,17 @@
+"""Continual training with Accelerate, the metrics of the field, and run outputs."""
+
+from .metrics import average_accuracy, average_forgetting, backward_transfer, forward_transfer, summarize
+from .reporting import write_run_outputs
+from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig
+
+__all__ = [
+    "ContinualTask",
+    "ContinualTrainer",
+    "ContinualTrainingConfig",
+    "average_accuracy",
+    "average_forgetting",
+    "backward_transfer",
+    "forward_transfer",
+    "summarize",
+    "write_run_outputs",
+]

@@ -1,0 +1,298 @@
+"""Continual training of a `DTGMAModel` with Accelerate, one task after another.
+
+For each task, in order: `add_task`, train what may train (the new task's parameters, and the shared ones only when
+the config says so), early-stop on the task's validation split, `freeze_task`, evaluate every task seen so far on its
+test split (one row of the accuracy matrix), checkpoint. A run is repeatable: task t's initialisation, shuffling and
+dropout draw from `seed + t`, so `--resume` after task t continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ..features import collate_features
+from ..files import write_json_atomic
+from ..modeling_dtgma import DTGMAModel
+from .metrics import summarize
+
+CHECKPOINT_POINTER = "latest_checkpoint.json"
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class ContinualTask:
+    """One task of a benchmark: its name, label names and splits with a `label` column and the inputs (`text`, or
+    the cached backbone `features` the trainer reads)."""
+
+    name: str
+    labels: list[str]
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+
+
+@dataclass
+class ContinualTrainingConfig:
+    """How each task is trained.
+
+    Args:
+        output_dir: checkpoints (and, from the scripts, results) go here.
+        epochs: most epochs per task; early stopping usually ends sooner.
+        batch_size: examples per optimizer step, over all processes together.
+        eval_batch_size: examples per evaluation batch, over all processes together.
+        learning_rate / weight_decay: AdamW settings.
+        warmup_ratio: fraction of a task's steps with a linear warm-up, then linear decay to 0.
+        max_grad_norm: gradient clipping.
+        patience: stop a task after this many epochs without a better validation accuracy; the best epoch's
+            parameters are kept.
+        seed: task t draws its initialisation, shuffling and dropout from `seed + t`.
+        mixed_precision: "no", "fp16" or "bf16" (through Accelerate).
+        log_with: an Accelerate tracker ("tensorboard", ...); None (default) logs nothing.
+        cpu: force the CPU even where a GPU is present.
+    """
+
+    output_dir: str
+    epochs: int = 40
+    batch_size: int = 16
+    eval_batch_size: int = 256
+    learning_rate: float = 1e-2
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    patience: int = 10
+    seed: int = 0
+    mixed_precision: str = "no"
+    log_with: str | None = None
+    cpu: bool = False
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint records besides the model: enough to resume after the last finished task."""
+
+    finished_tasks: list[str] = field(default_factory=list)
+    accuracy_matrix: list[list[float]] = field(default_factory=list)
+    validation_accuracy: dict[str, float] = field(default_factory=dict)
+    epochs_trained: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class ContinualTrainer:
+    """Trains a `DTGMAModel` on a sequence of `ContinualTask`s.
+
+    Example:
+
+    ```python
+    >>> trainer = ContinualTrainer(model, ContinualTrainingConfig(output_dir="runs/demo", epochs=10))
+    >>> results = trainer.fit(tasks)            # tasks: list[ContinualTask] with cached features
+    >>> results["task_il"]["average_accuracy"]
+    ```
+    """
+
+    def __init__(self, model: DTGMAModel, config: ContinualTrainingConfig, accelerator: Accelerator | None = None):
+        self.model = model
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            cpu=config.cpu,
+            mixed_precision=config.mixed_precision,
+            log_with=config.log_with,
+            project_dir=config.output_dir,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )
+        self.output_dir = Path(config.output_dir)
+
+    # ------------------------------------------------------------------ public
+
+    def fit(self, tasks: list[ContinualTask], resume: bool = False) -> dict:
+        """Train `tasks` in order and return the results (metrics, validation accuracy, timings, parameters).
+
+        With `resume=True`, continue after the last finished task of the checkpoint in `output_dir`.
+        """
+        if not tasks:
+            raise ValueError("`tasks` is empty: give at least one ContinualTask.")
+        state = self._resume(tasks) if resume else _RunState()
+        if not resume and self.model.tasks:
+            raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
+        accelerator = self.accelerator
+        if self.config.log_with:
+            accelerator.init_trackers("hf_dtgma", config=asdict(self.config))
+        progress = tqdm(
+            total=len(tasks), initial=len(state.finished_tasks), desc="tasks", disable=not accelerator.is_local_main_process
+        )
+        for index in range(len(state.finished_tasks), len(tasks)):
+            task = tasks[index]
+            progress.set_postfix_str(task.name)
+            started = time.perf_counter()
+            best_accuracy, epochs = self._train_task(index, task)
+            trained = time.perf_counter()
+            row = [self._accuracy(j, tasks[j].test) for j in range(index + 1)]
+            state.finished_tasks.append(task.name)
+            state.accuracy_matrix.append(row)
+            state.validation_accuracy[task.name] = best_accuracy
+            state.epochs_trained[task.name] = epochs
+            state.seconds[task.name] = {"train": trained - started, "evaluate": time.perf_counter() - trained}
+            self._save_checkpoint(state)
+            if self.config.log_with:
+                accelerator.log({"average_accuracy": sum(row) / len(row)}, step=index)
+            progress.update()
+        progress.close()
+        if self.config.log_with:
+            accelerator.end_training()
+        return self._results(state, tasks)
+
+    # ---------------------------------------------------------------- training
+
+    def _train_task(self, index: int, task: ContinualTask) -> tuple[float, int]:
+        """Add and train task `index`; keep its best-validation parameters, freeze it. Returns (best val acc, epochs)."""
+        accelerator, config = self.accelerator, self.config
+        set_seed(config.seed + index)
+        model = self.model
+        model.add_task(task.name, labels=task.labels)
+        trainable = [param for param in model.parameters() if param.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        generator = torch.Generator().manual_seed(config.seed + index)
+        train_loader = self._loader(task.train, config.batch_size, shuffle=True, generator=generator)
+        steps = config.epochs * math.ceil(len(task.train) / config.batch_size)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+        wrapped, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+
+        adapter = model.task_adapters[index]
+        best_accuracy, best_state, stale, epochs = -1.0, None, 0, 0
+        epoch_bar = tqdm(range(config.epochs), desc=task.name, leave=False, disable=not accelerator.is_local_main_process)
+        for epoch in epoch_bar:
+            wrapped.train()
+            total_loss, batches = 0.0, 0
+            for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=not accelerator.is_local_main_process):
+                loss = wrapped(**batch, task_ids=index).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                total_loss, batches = total_loss + loss.detach(), batches + 1
+            epochs = epoch + 1
+            accuracy = self._accuracy(index, task.validation)
+            train_loss = (total_loss / max(batches, 1)).item()
+            epoch_bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{accuracy:.4f}")
+            if config.log_with:
+                accelerator.log({f"{task.name}/train_loss": train_loss, f"{task.name}/val_accuracy": accuracy}, step=epoch)
+            if accuracy > best_accuracy:
+                best_accuracy, stale = accuracy, 0
+                best_state = {key: value.detach().clone() for key, value in adapter.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        epoch_bar.close()
+        adapter.load_state_dict(best_state)
+        accelerator.free_memory()  # drop the DDP wrapper and optimizer: the next task prepares its own
+        model.freeze_task(task.name)
+        return best_accuracy, epochs
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
+        if len(dataset) == 0:
+            raise ValueError("A split has no examples: every task needs train, validation and test examples.")
+        columns = dataset.with_format("torch", columns=["features", "label"])
+        return DataLoader(columns, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_features)
+
+    @torch.no_grad()
+    def _accuracy(self, task_index: int, dataset: Dataset) -> float:
+        """Task-incremental accuracy of task `task_index` on `dataset`, identical for any number of processes."""
+        accelerator = self.accelerator
+        loader = accelerator.prepare_data_loader(self._loader(dataset, self.config.eval_batch_size))
+        self.model.eval()
+        correct, total = 0, 0
+        for batch in loader:
+            with accelerator.autocast():
+                logits = self.model(
+                    inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"], task_ids=task_index
+                ).logits
+            predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+            correct += (predictions == labels).sum().item()
+            total += labels.numel()
+        return correct / total
+
+    # ------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, state: _RunState) -> None:
+        """Write `checkpoint-{k}` (model + state) under a temporary name, rename it, then move the pointer to it."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            name = f"checkpoint-{len(state.finished_tasks)}"
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.output_dir))
+            self.model.save_pretrained(staging / "model")
+            (staging / STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
+            final = self.output_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            previous = self._latest_checkpoint()
+            write_json_atomic(self.output_dir / CHECKPOINT_POINTER, {"checkpoint": name})
+            if previous is not None and previous != final:
+                shutil.rmtree(previous, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def _latest_checkpoint(self) -> Path | None:
+        pointer = self.output_dir / CHECKPOINT_POINTER
+        if not pointer.is_file():
+            return None
+        return self.output_dir / json.loads(pointer.read_text())["checkpoint"]
+
+    def _resume(self, tasks: list[ContinualTask]) -> _RunState:
+        checkpoint = self._latest_checkpoint()
+        if checkpoint is None:
+            return _RunState()
+        state = _RunState(**json.loads((checkpoint / STATE_NAME).read_text()))
+        expected = [task.name for task in tasks[: len(state.finished_tasks)]]
+        if state.finished_tasks != expected:
+            raise ValueError(
+                f"The checkpoint in {self.output_dir} finished tasks {state.finished_tasks}, but this run's task order "
+                f"starts with {expected}: resume with the same benchmark and order, or use a new --output-dir."
+            )
+        self.model = type(self.model).from_pretrained(checkpoint / "model")
+        self.model.to(self.accelerator.device)
+        return state
+
+    # ------------------------------------------------------------------ results
+
+    def _results(self, state: _RunState, tasks: list[ContinualTask]) -> dict:
+        names = [task.name for task in tasks]
+        return {
+            "task_il": summarize(state.accuracy_matrix, names),
+            "validation_accuracy": state.validation_accuracy,
+            "epochs_trained": state.epochs_trained,
+            "seconds": state.seconds,
+            "parameters": {
+                "total": self.model.num_parameters(),
+                "shared": sum(p.numel() for p in self.model.shared_parameters()),
+                "per_task": {name: self.model.num_task_parameters(name) for name in names},
+            },
+            "num_processes": self.accelerator.num_processes,
+        }
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write `payload` as JSON to a temporary file next to `path`, then rename it onto `path`."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(payload, stream, indent=2)
+        stream.write("\n")
+    os.replace(tmp, path)
