@@ -2,27 +2,10 @@
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
 
+from conftest import TEXTS, tiny_qwen
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.backbones import PatchEmbedder, TextBackbone
-
-WORDS = "the market rallied a new comet was found stocks fell after rates rose team won final match".split()
-TEXTS = ["the market rallied", "a new comet was found after the match", "stocks fell", "team won the final"]
-
-
-def tiny_qwen() -> tuple[Qwen2Model, PreTrainedTokenizerFast]:
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{word: i + 3 for i, word in enumerate(dict.fromkeys(WORDS))}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return Qwen2Model(config).eval(), hf_tokenizer
 
 
 @pytest.fixture(scope="module")

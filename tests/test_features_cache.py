@@ -1,0 +1,64 @@
+"""Must-show 6 (issue 3): backbone features are computed once; a second run reads them from disk."""
+
+import torch
+from datasets import Dataset
+
+from conftest import TEXTS, tiny_qwen
+from hf_dtgma.backbones import DeferredTextBackbone, TextBackbone
+from hf_dtgma.features import cache_features, collate_features
+
+
+class CountingBackbone(TextBackbone):
+    calls = 0
+
+    def encode(self, texts):
+        CountingBackbone.calls += 1
+        return super().encode(texts)
+
+
+def test_second_run_reads_the_cache_without_calling_the_backbone(tmp_path):
+    model, tokenizer = tiny_qwen()
+    backbone = CountingBackbone(model, tokenizer, name="tiny-qwen2", max_length=16)
+    data = {"text": TEXTS, "label": [0, 1, 0, 1]}
+    first = cache_features(Dataset.from_dict(data), backbone, batch_size=2, cache_dir=tmp_path)
+    assert CountingBackbone.calls == 2
+    again = cache_features(Dataset.from_dict(data), backbone, batch_size=2, cache_dir=tmp_path)  # a new run
+    assert CountingBackbone.calls == 2
+    assert again["features"] == first["features"]
+
+    # only real tokens are stored, in float16, equal to the backbone's output
+    features, mask = TextBackbone(model, tokenizer, max_length=16).encode(TEXTS[1:2])
+    stored = torch.tensor(first[1]["features"])
+    assert stored.shape == (int(mask.sum()), 32)
+    torch.testing.assert_close(stored, features[0][mask[0].bool()].half().float(), rtol=1e-3, atol=1e-3)
+
+    # anything that changes the features changes the fingerprint: here the layer
+    other_layer = CountingBackbone(model, tokenizer, name="tiny-qwen2", max_length=16, layer=1)
+    cache_features(Dataset.from_dict(data), other_layer, batch_size=4, cache_dir=tmp_path)
+    assert CountingBackbone.calls == 3
+
+
+def test_a_cached_run_never_loads_the_backbone_weights(tmp_path):
+    model, tokenizer = tiny_qwen()
+    model.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    data = Dataset.from_dict({"text": TEXTS, "label": [0, 1, 0, 1]})
+
+    def deferred():
+        return DeferredTextBackbone("tiny-qwen2", str(tmp_path / "qwen"), max_length=16, tokenizer_name_or_path=str(tmp_path / "tokenizer"))
+
+    first = deferred()
+    assert first.hidden_size == 32 and not first.loaded
+    cache_features(data, first, cache_dir=tmp_path / "cache")
+    assert first.loaded
+    second = deferred()
+    cached = cache_features(data, second, cache_dir=tmp_path / "cache")
+    assert not second.loaded and len(cached) == 4
+
+
+def test_collate_pads_and_masks():
+    examples = [{"features": torch.ones(2, 3), "label": 1}, {"features": torch.ones(4, 3), "label": 0, }]
+    batch = collate_features(examples)
+    assert batch["inputs_embeds"].shape == (2, 4, 3)
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [1, 0]

@@ -1,0 +1,130 @@
+"""The continual trainer: repeatable, resumable, and the same in 1 or 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_dtgma import DTGMAConfig, DTGMAModel
+from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig, write_run_outputs
+
+DIM = 8
+
+
+def synthetic_tasks(num_tasks: int = 3, sizes=(32, 8, 12), seed: int = 0) -> list[ContinualTask]:
+    """Binary tasks on variable-length token features: each class shifts its tokens by its own mean vector."""
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for t in range(num_tasks):
+        means = 0.6 * rng.normal(size=(2, DIM))  # overlapping classes: accuracies well below 1
+        splits = []
+        for per_class in sizes:
+            features, labels = [], []
+            for label in (0, 1):
+                for _ in range(per_class):
+                    tokens = rng.normal(size=(int(rng.integers(2, 6)), DIM)) + means[label]
+                    features.append(tokens.astype(np.float16))
+                    labels.append(label)
+            splits.append(Dataset.from_dict({"features": features, "label": labels}))
+        tasks.append(ContinualTask(f"task{t}", ["no", "yes"], *splits))
+    return tasks
+
+
+def new_model() -> DTGMAModel:
+    torch.manual_seed(0)
+    return DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.0))
+
+
+def training_config(output_dir) -> ContinualTrainingConfig:
+    return ContinualTrainingConfig(output_dir=str(output_dir), epochs=3, batch_size=16, eval_batch_size=16, patience=2, cpu=True)
+
+
+def run(output_dir, resume: bool = False) -> dict:
+    trainer = ContinualTrainer(new_model(), training_config(output_dir))
+    return trainer.fit(synthetic_tasks(), resume=resume), trainer
+
+
+def test_learns_without_forgetting_and_is_repeatable(tmp_path):
+    results, trainer = run(tmp_path / "a")
+    task_il = results["task_il"]
+    assert len(task_il["accuracy_matrix"]) == 3 and 0.6 < task_il["average_accuracy"] < 1.0
+    assert task_il["average_forgetting"] == 0.0 and task_il["bwt"] == 0.0
+    assert trainer.model.tasks == ["task0", "task1", "task2"]
+    assert all(not p.requires_grad for p in trainer.model.parameters())
+    again, _ = run(tmp_path / "b")
+    assert again["task_il"] == task_il
+
+
+def test_resume_after_a_crash_in_task_2_gives_the_same_results(tmp_path, monkeypatch):
+    reference, _ = run(tmp_path / "reference")
+
+    original = ContinualTrainer._train_task
+
+    def crash_in_second_task(self, index, task):
+        if index == 1:
+            raise RuntimeError("killed")
+        return original(self, index, task)
+
+    monkeypatch.setattr(ContinualTrainer, "_train_task", crash_in_second_task)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "interrupted")
+    monkeypatch.setattr(ContinualTrainer, "_train_task", original)
+    state = json.loads((tmp_path / "interrupted" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["finished_tasks"] == ["task0"]
+
+    trained = []
+    monkeypatch.setattr(ContinualTrainer, "_train_task", lambda self, i, t: trained.append(i) or original(self, i, t))
+    resumed, _ = run(tmp_path / "interrupted", resume=True)
+    assert trained == [1, 2]  # the finished task is not retrained
+    assert resumed["task_il"] == reference["task_il"]
+    assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == ["checkpoint-3", "latest_checkpoint.json"]
+
+
+def test_resume_with_another_task_order_is_refused(tmp_path):
+    run(tmp_path / "run")
+    trainer = ContinualTrainer(new_model(), training_config(tmp_path / "run"))
+    with pytest.raises(ValueError, match="same benchmark and order"):
+        trainer.fit(list(reversed(synthetic_tasks())), resume=True)
+
+
+def test_two_processes_give_the_same_accuracy_matrix_as_one(tmp_path):
+    """Real gloo DDP on the CPU: `accelerate launch --multi_gpu --num_processes 2` with `Accelerator(cpu=True)`."""
+    single, _ = run(tmp_path / "one")
+    script = tmp_path / "train_two.py"
+    script.write_text(
+        "import json, sys\n"
+        "from accelerate import PartialState\n"
+        "from test_training import run\n"
+        "results, _ = run(sys.argv[1])\n"
+        "if PartialState().is_main_process:\n"
+        "    open(sys.argv[1] + '/metrics.json', 'w').write(json.dumps(results))\n"
+    )
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "two")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert double["num_processes"] == 2 and single["num_processes"] == 1
+    assert double["task_il"]["accuracy_matrix"] == single["task_il"]["accuracy_matrix"]
+
+
+def test_run_outputs(tmp_path):
+    results, trainer = run(tmp_path / "run")
+    results.update(benchmark="synthetic", seed=0)
+    write_run_outputs(trainer.model, results, tmp_path / "run")
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"results.json", "results.md", "accuracy_matrix.png", "model", "adapters"} <= names
+    assert sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir()) == ["task0", "task1", "task2"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["task_il"]["accuracy_matrix"] == results["task_il"]["accuracy_matrix"]
+    assert (tmp_path / "run" / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| average accuracy |" in (tmp_path / "run" / "results.md").read_text()
+    loaded = DTGMAModel.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.tasks == trainer.model.tasks
