@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     model.add_argument("--num-heads", type=int, default=4)
     model.add_argument("--task-param-mode", choices=["lowrank", "full"], default="lowrank")
     model.add_argument("--task-rank", type=int, default=8)
+    model.add_argument("--num-task-tokens", type=int, default=1)
     model.add_argument("--shared-training", choices=["never", "first_task"], default="never")
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=40, help="most epochs per task (early stopping ends sooner)")
@@ -55,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     training.add_argument("--weight-decay", type=float, default=0.01)
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    training.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU (also: CPU processes under accelerate launch --multi_gpu)")
     training.add_argument("--log-with", default=None, help="Accelerate tracker, e.g. tensorboard (off by default)")
     training.add_argument("--output-dir", default="outputs/text_domains")
     training.add_argument("--resume", action="store_true", help="continue after the last finished task in --output-dir")
@@ -65,6 +67,7 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     accelerator = Accelerator(
+        cpu=args.cpu,
         mixed_precision=args.mixed_precision,
         log_with=args.log_with,
         project_dir=args.output_dir,
@@ -98,6 +101,7 @@ def main() -> None:
     config = DTGMAConfig(
         input_dim=backbone.hidden_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_heads=args.num_heads, task_param_mode=args.task_param_mode, task_rank=args.task_rank,
+        num_task_tokens=args.num_task_tokens,
         shared_training=args.shared_training, backbone=backbone.identity,
     )
     torch.manual_seed(args.seed)  # the shared weights' initialisation
@@ -118,7 +122,7 @@ def main() -> None:
             benchmark=args.benchmark,
             backbone={**backbone.identity, "fallback_reason": fallback_reason, "loaded_this_run": backbone.loaded},
             seed=args.seed,
-            args=vars(args),
+            config=vars(args),
             seconds_features=features_done - started,
             seconds_total=finished - started,
         )

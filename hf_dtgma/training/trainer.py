@@ -172,7 +172,7 @@ class ContinualTrainer:
         wrapped, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
         adapter = model.task_adapters[index]
-        best_accuracy, best_state, stale, epochs = -1.0, None, 0, 0
+        best, best_state, stale, epochs = (-1.0, float("-inf")), None, 0, 0
         epoch_bar = tqdm(range(config.epochs), desc=task.name, leave=False, disable=not accelerator.is_local_main_process)
         for epoch in epoch_bar:
             wrapped.train()
@@ -187,13 +187,18 @@ class ContinualTrainer:
                 optimizer.zero_grad()
                 total_loss, batches = total_loss + loss.detach(), batches + 1
             epochs = epoch + 1
-            accuracy = self._accuracy(index, task.validation)
+            accuracy, val_loss = self._evaluate(index, task.validation)
             train_loss = (total_loss / max(batches, 1)).item()
             epoch_bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{accuracy:.4f}")
             if config.log_with:
-                accelerator.log({f"{task.name}/train_loss": train_loss, f"{task.name}/val_accuracy": accuracy}, step=epoch)
-            if accuracy > best_accuracy:
-                best_accuracy, stale = accuracy, 0
+                accelerator.log(
+                    {f"{task.name}/train_loss": train_loss, f"{task.name}/val_accuracy": accuracy, f"{task.name}/val_loss": val_loss},
+                    step=epoch,
+                )
+            # Best = highest validation accuracy; on a small validation split many epochs tie, and the lower
+            # validation loss breaks the tie.
+            if (accuracy, -val_loss) > best:
+                best, stale = (accuracy, -val_loss), 0
                 best_state = {key: value.detach().clone() for key, value in adapter.state_dict().items()}
             else:
                 stale += 1
@@ -201,9 +206,11 @@ class ContinualTrainer:
                     break
         epoch_bar.close()
         adapter.load_state_dict(best_state)
-        accelerator.free_memory()  # drop the DDP wrapper and optimizer: the next task prepares its own
+        # Drop the DDP wrapper, the mixed-precision forward and the optimizer: the next task prepares its own.
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        accelerator.free_memory()
         model.freeze_task(task.name)
-        return best_accuracy, epochs
+        return best[0], epochs
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
         if len(dataset) == 0:
@@ -212,21 +219,27 @@ class ContinualTrainer:
         return DataLoader(columns, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_features)
 
     @torch.no_grad()
-    def _accuracy(self, task_index: int, dataset: Dataset) -> float:
-        """Task-incremental accuracy of task `task_index` on `dataset`, identical for any number of processes."""
+    def _evaluate(self, task_index: int, dataset: Dataset) -> tuple[float, float]:
+        """Task-incremental accuracy and mean cross-entropy of task `task_index` on `dataset`, identical for any
+        number of processes (`gather_for_metrics` drops the samples Accelerate repeats to even out the shards)."""
         accelerator = self.accelerator
         loader = accelerator.prepare_data_loader(self._loader(dataset, self.config.eval_batch_size))
         self.model.eval()
-        correct, total = 0, 0
+        correct, loss, total = 0, 0.0, 0
         for batch in loader:
             with accelerator.autocast():
                 logits = self.model(
                     inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"], task_ids=task_index
                 ).logits
-            predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+            losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
             correct += (predictions == labels).sum().item()
+            loss += losses.sum().item()
             total += labels.numel()
-        return correct / total
+        return correct / total, loss / total
+
+    def _accuracy(self, task_index: int, dataset: Dataset) -> float:
+        return self._evaluate(task_index, dataset)[0]
 
     # ------------------------------------------------------------- checkpoints
 

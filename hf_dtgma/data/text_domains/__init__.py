@@ -1,7 +1,7 @@
 """The built-in text-domain benchmark: the eight binary domains of the DTG-MA paper, written for this library.
 
-Each domain has 100 hand-written sentences per class in `<task>.json` beside this file. They are split once, with a
-fixed seed that does not depend on the run's seed, into 60 train, 15 validation and 25 test sentences per class, so
+Each domain has 150 hand-written sentences per class in `<task>.json` beside this file. They are split once, with a
+fixed seed that does not depend on the run's seed, into 80 train, 30 validation and 40 test sentences per class, so
 every run tests on the same held-out sentences and no test sentence is a case or whitespace variant of a training one.
 """
 
@@ -26,7 +26,7 @@ TEXT_DOMAIN_TASKS = (
     "legal_vs_policy",
     "short_vs_detailed",
 )
-SPLIT_SIZES = {"train": 60, "validation": 15, "test": 25}
+SPLIT_SIZES = {"train": 80, "validation": 30, "test": 40}
 SPLIT_SEED = 1234
 _DATA_DIR = Path(__file__).parent
 
@@ -53,6 +53,8 @@ def _load_task(name: str) -> ContinualTask:
     splits: dict[str, dict[str, list]] = {split: {"text": [], "label": []} for split in SPLIT_SIZES}
     for label, label_name in enumerate(spec["labels"]):
         sentences = list(spec["examples"][label_name])
+        if len(sentences) < sum(SPLIT_SIZES.values()):
+            raise ValueError(f"{name}.json has {len(sentences)} {label_name!r} sentences; the splits need {sum(SPLIT_SIZES.values())}.")
         random.Random(f"{SPLIT_SEED}-{name}-{label_name}").shuffle(sentences)
         start = 0
         for split, size in SPLIT_SIZES.items():
