@@ -37,7 +37,10 @@ def parse_args() -> argparse.Namespace:
     backbone = parser.add_argument_group("backbone")
     backbone.add_argument("--backbone", default=None, help=f"Hub id or local path (default: {DEFAULT_TEXT_BACKBONE})")
     backbone.add_argument("--backbone-revision", default=None)
-    backbone.add_argument("--layer", type=int, default=-1, help="hidden state to read: -1 last layer, 0 embeddings")
+    backbone.add_argument(
+        "--layer", type=int, default=-3,
+        help="hidden state to read: -1 last layer, 0 embeddings (default -3: best on validation, see README)",
+    )
     backbone.add_argument("--max-length", type=int, default=128, help="tokens per text")
     backbone.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/hf_dtgma/features)")
     model = parser.add_argument_group("model")
