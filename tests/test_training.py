@@ -128,3 +128,15 @@ def test_run_outputs(tmp_path):
     assert "| average accuracy |" in (tmp_path / "run" / "results.md").read_text()
     loaded = DTGMAModel.from_pretrained(tmp_path / "run" / "model")
     assert loaded.tasks == trainer.model.tasks
+
+
+@pytest.mark.parametrize("shared_training", ["never", "first_task"])
+def test_the_kept_parameters_are_the_best_validation_epochs(tmp_path, shared_training):
+    torch.manual_seed(0)
+    model = DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, hidden_dropout=0.0, shared_training=shared_training))
+    config = ContinualTrainingConfig(output_dir=str(tmp_path), epochs=6, batch_size=16, patience=6, cpu=True)
+    trainer = ContinualTrainer(model, config)
+    tasks = synthetic_tasks(num_tasks=2)
+    results = trainer.fit(tasks)
+    for index, task in enumerate(tasks):
+        assert trainer._accuracy(index, task.validation) == results["validation_accuracy"][task.name]

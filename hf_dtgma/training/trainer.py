@@ -163,7 +163,8 @@ class ContinualTrainer:
         set_seed(config.seed + index)
         model = self.model
         model.add_task(task.name, labels=task.labels)
-        trainable = [param for param in model.parameters() if param.requires_grad]
+        trainable_by_name = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        trainable = list(trainable_by_name.values())
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         generator = torch.Generator().manual_seed(config.seed + index)
         train_loader = self._loader(task.train, config.batch_size, shuffle=True, generator=generator)
@@ -171,7 +172,6 @@ class ContinualTrainer:
         scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
         wrapped, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
-        adapter = model.task_adapters[index]
         best, best_state, stale, epochs = (-1.0, float("-inf")), None, 0, 0
         epoch_bar = tqdm(range(config.epochs), desc=task.name, leave=False, disable=not accelerator.is_local_main_process)
         for epoch in epoch_bar:
@@ -199,13 +199,15 @@ class ContinualTrainer:
             # validation loss breaks the tie.
             if (accuracy, -val_loss) > best:
                 best, stale = (accuracy, -val_loss), 0
-                best_state = {key: value.detach().clone() for key, value in adapter.state_dict().items()}
+                best_state = {name: param.detach().clone() for name, param in trainable_by_name.items()}
             else:
                 stale += 1
                 if stale >= config.patience:
                     break
         epoch_bar.close()
-        adapter.load_state_dict(best_state)
+        with torch.no_grad():  # the best epoch's task parameters (and shared ones, when they trained with this task)
+            for name, param in trainable_by_name.items():
+                param.copy_(best_state[name])
         # Drop the DDP wrapper, the mixed-precision forward and the optimizer: the next task prepares its own.
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         accelerator.free_memory()
