@@ -79,19 +79,15 @@ def cache_features(
 
 
 def collate_features(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Pad a list of `{"features": (n_i, D), "label": int, ...}` examples into a batch.
+    """Pad a list of `{"features": (n_i, D), "label": int}` examples into a batch.
 
-    Returns `inputs_embeds (B, N_max, D)`, `attention_mask (B, N_max)` and `labels (B,)` (and `task_ids (B,)` when
-    the examples carry a `task_id`).
+    Returns `inputs_embeds (B, N_max, D)`, `attention_mask (B, N_max)` and `labels (B,)`.
     """
     tokens = [torch.as_tensor(example["features"]) for example in examples]
     lengths = torch.tensor([len(t) for t in tokens])
     inputs = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
-    batch = {
+    return {
         "inputs_embeds": inputs,
         "attention_mask": (torch.arange(inputs.shape[1])[None] < lengths[:, None]).long(),
         "labels": torch.tensor([int(example["label"]) for example in examples]),
     }
-    if "task_id" in examples[0]:
-        batch["task_ids"] = torch.tensor([int(example["task_id"]) for example in examples])
-    return batch
