@@ -22,6 +22,11 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 DEFAULT_TEXT_BACKBONE = "Qwen/Qwen2.5-1.5B"
 
 
+def text_backbone_identity(name: str, revision: str | None, layer: int) -> dict[str, Any]:
+    """What identifies a text backbone's features: recorded in configs, adapters and feature fingerprints."""
+    return {"type": "text", "name": name, "revision": revision, "layer": layer}
+
+
 class TextBackbone(nn.Module):
     """A frozen text model whose hidden states of one layer are the input tokens of a `DTGMAModel`.
 
@@ -96,7 +101,7 @@ class TextBackbone(nn.Module):
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {"type": "text", "name": self.name, "revision": self.revision, "layer": self.layer}
+        return text_backbone_identity(self.name, self.revision, self.layer)
 
     @torch.no_grad()
     def forward(
@@ -248,7 +253,7 @@ class DeferredTextBackbone:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {"type": "text", "name": self.name, "revision": self.revision, "layer": self.layer}
+        return text_backbone_identity(self.name, self.revision, self.layer)
 
     @property
     def loaded(self) -> bool:

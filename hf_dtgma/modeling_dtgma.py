@@ -348,9 +348,14 @@ class DTGMAModel(DTGMAPreTrainedModel):
         for param in self.shared_parameters():
             param.requires_grad_(False)
 
+    def named_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters used by every task, with their names: input projection, norms, shared attention and
+        feed-forward weights (everything outside `task_adapters`)."""
+        return [(name, param) for name, param in self.named_parameters() if not name.startswith("task_adapters.")]
+
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters used by every task: input projection, norms, shared attention and feed-forward weights."""
-        return [param for name, param in self.named_parameters() if not name.startswith("task_adapters.")]
+        """The parameters of `named_shared_parameters`."""
+        return [param for _, param in self.named_shared_parameters()]
 
     def num_task_parameters(self, name: str) -> int:
         """Parameters owned by task `name` (its growth of the model)."""
@@ -585,9 +590,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         gives the same fingerprint, while any retraining of the shared weights changes it.
         """
         digest = hashlib.sha256(json.dumps(self.config.adapter_shape_config(), sort_keys=True).encode())
-        for name, param in sorted(
-            ((n, p) for n, p in self.named_parameters() if not n.startswith("task_adapters.")), key=lambda item: item[0]
-        ):
+        for name, param in sorted(self.named_shared_parameters(), key=lambda item: item[0]):
             digest.update(f"{name}:{tuple(param.shape)}".encode())
             digest.update(param.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
         return digest.hexdigest()

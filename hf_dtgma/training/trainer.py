@@ -302,12 +302,3 @@ class ContinualTrainer:
             },
             "num_processes": self.accelerator.num_processes,
         }
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write `payload` as JSON to a temporary file next to `path`, then rename it onto `path`."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-        stream.write("\n")
-    os.replace(tmp, path)
