@@ -104,9 +104,12 @@ def task_graph_mask(num_task_groups: int, tokens_per_task: int, attention_mask: 
 
 def _by_group(tensors: list[torch.Tensor], task_ids: torch.Tensor | None) -> torch.Tensor:
     """Stack one tensor per task to `(T, ...)` and lay it out per task group: `(1, T, ...)` when every task is a group
-    (`task_ids=None`), `(B, 1, ...)` with each row's own task otherwise. Stacking and indexing copy values exactly."""
+    (`task_ids=None`), `(B, 1, ...)` with each row's own task otherwise. Stacking and indexing copy values exactly.
+
+    `index_select` rather than `stacked[task_ids]`: the backward of advanced indexing (`index_put_` with accumulation)
+    sums a task's per-row gradients in a thread-dependent order on CPU, so training would not be repeatable."""
     stacked = torch.stack(tensors)
-    return stacked[None] if task_ids is None else stacked[task_ids][:, None]
+    return stacked[None] if task_ids is None else stacked.index_select(0, task_ids)[:, None]
 
 
 def _linear_2d(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
