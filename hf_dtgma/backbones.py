@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +271,35 @@ class DeferredTextBackbone:
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone.encode(texts)
+
+
+def open_text_backbone(
+    name_or_path: str | None = None,
+    revision: str | None = None,
+    layer: int = -1,
+    max_length: int = 128,
+    **kwargs: Any,
+) -> tuple[DeferredTextBackbone, str | None]:
+    """The text backbone a run should use, loaded only when a feature is not cached.
+
+    `name_or_path=None` asks for `DEFAULT_TEXT_BACKBONE` (Qwen2.5-1.5B); when it can be had neither from the local
+    cache nor from the Hub, the embedded all-MiniLM-L6-v2 encoder replaces it, with a warning. A backbone named
+    explicitly is never replaced: if it cannot be had, that is an error.
+
+    Args:
+        kwargs: passed to `TextBackbone.from_pretrained` (`dtype`, `device`, ...).
+
+    Returns:
+        `(backbone, fallback_reason)`: `fallback_reason` is None unless the default was replaced.
+    """
+    name = name_or_path or DEFAULT_TEXT_BACKBONE
+    load_path, fallback_reason = resolve_text_backbone(name, allow_fallback=name_or_path is None)
+    if fallback_reason is not None:
+        warnings.warn(
+            f"{fallback_reason}: using the embedded all-MiniLM-L6-v2 encoder instead. Pass --backbone <hub id or "
+            "folder> to choose a backbone (results.json records the one used).",
+            stacklevel=2,
+        )
+        name = EMBEDDED_TEXT_BACKBONE
+    backbone = DeferredTextBackbone(name, load_path, layer=layer, max_length=max_length, revision=revision, **kwargs)
+    return backbone, fallback_reason

@@ -78,6 +78,15 @@ def cache_features(
     )
 
 
+def cache_task_features(
+    tasks: list, backbone: TextBackbone | DeferredTextBackbone, cache_dir: str | os.PathLike | None = None
+) -> None:
+    """Replace the train, validation and test splits of each `ContinualTask` by their cached-feature versions."""
+    for task in tasks:
+        for split in ("train", "validation", "test"):
+            setattr(task, split, cache_features(getattr(task, split), backbone, cache_dir=cache_dir))
+
+
 def collate_features(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Pad a list of `{"features": (n_i, D), "label": int}` examples into a batch.
 

@@ -9,7 +9,8 @@ from .modeling_dtgma import atomic_path
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file next to `path`, then rename it onto `path`."""
+    """Write `text` to a temporary file next to `path`, then rename it onto `path` (creating its folder)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(path)) as tmp:
         Path(tmp).write_text(text)
 

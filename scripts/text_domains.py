@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
-from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, resolve_text_backbone
+from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, open_text_backbone
 from hf_dtgma.data import load_text_domains
-from hf_dtgma.features import cache_features
-from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig, write_run_outputs
+from hf_dtgma.features import cache_task_features
+from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig, write_run_outputs
 
 BENCHMARKS = {"text_domains": load_text_domains}
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="text_domains")
@@ -63,13 +62,11 @@ def parse_args() -> argparse.Namespace:
     training.add_argument("--log-with", default=None, help="Accelerate tracker, e.g. tensorboard (off by default)")
     training.add_argument("--output-dir", default="outputs/text_domains")
     training.add_argument("--resume", action="store_true", help="continue after the last finished task in --output-dir")
-    return parser.parse_args()
+    return parser
 
 
-def main() -> None:
-    args = parse_args()
-    started = time.perf_counter()
-    accelerator = Accelerator(
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    return Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
         log_with=args.log_with,
@@ -77,35 +74,32 @@ def main() -> None:
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
 
-    # 1. The frozen backbone: the requested one, or the embedded encoder when the default cannot be had.
-    name = args.backbone or DEFAULT_TEXT_BACKBONE
-    load_path, fallback_reason = resolve_text_backbone(name, allow_fallback=args.backbone is None)
-    if fallback_reason is not None:
-        warnings.warn(
-            f"{fallback_reason}: using the embedded all-MiniLM-L6-v2 encoder instead. Pass --backbone <hub id or "
-            "folder> to choose a backbone (results.json records the one used).",
-            stacklevel=1,
-        )
-        name = "sentence-transformers/all-MiniLM-L6-v2"
-    backbone = DeferredTextBackbone(
-        name, load_path, layer=args.layer, max_length=args.max_length, revision=args.backbone_revision,
+
+def prepare(args: argparse.Namespace, accelerator: Accelerator) -> tuple[DeferredTextBackbone, str | None, list[ContinualTask]]:
+    """The frozen backbone (the embedded encoder, with a warning, when the default cannot be had), its fallback
+    reason, and the benchmark's tasks with cached features (computed once, by the main process first)."""
+    backbone, fallback_reason = open_text_backbone(
+        args.backbone, revision=args.backbone_revision, layer=args.layer, max_length=args.max_length,
         dtype=torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32, device=accelerator.device,
     )
-
-    # 2. Tasks and their cached features (computed once, by the main process first).
     tasks = BENCHMARKS[args.benchmark](num_tasks=args.num_tasks)
     with accelerator.main_process_first():
-        for task in tasks:
-            for split in ("train", "validation", "test"):
-                setattr(task, split, cache_features(getattr(task, split), backbone, cache_dir=args.cache_dir))
-    features_done = time.perf_counter()
+        cache_task_features(tasks, backbone, cache_dir=args.cache_dir)
+    return backbone, fallback_reason, tasks
 
-    # 3. Continual training, one task after another.
+
+def train(
+    args: argparse.Namespace,
+    backbone: DeferredTextBackbone,
+    tasks: list[ContinualTask],
+    accelerator: Accelerator,
+    evaluation_split: str = "test",
+) -> tuple[ContinualTrainer, dict]:
+    """Train a new DTG-MA model on `tasks` in order; returns the trainer (its `.model`) and the results."""
     config = DTGMAConfig(
         input_dim=backbone.hidden_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_heads=args.num_heads, task_param_mode=args.task_param_mode, task_rank=args.task_rank,
-        num_task_tokens=args.num_task_tokens,
-        shared_training=args.shared_training, backbone=backbone.identity,
+        num_task_tokens=args.num_task_tokens, shared_training=args.shared_training, backbone=backbone.identity,
     )
     torch.manual_seed(args.seed)  # the shared weights' initialisation
     trainer = ContinualTrainer(
@@ -113,12 +107,21 @@ def main() -> None:
         ContinualTrainingConfig(
             output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
             weight_decay=args.weight_decay, patience=args.patience, seed=args.seed, log_with=args.log_with,
+            evaluation_split=evaluation_split,
         ),
         accelerator=accelerator,
     )
-    results = trainer.fit(tasks, resume=args.resume)
+    return trainer, trainer.fit(tasks, resume=args.resume)
 
-    # 4. Outputs.
+
+def main() -> None:
+    args = build_parser().parse_args()
+    started = time.perf_counter()
+    accelerator = make_accelerator(args)
+    backbone, fallback_reason, tasks = prepare(args, accelerator)
+    features_done = time.perf_counter()
+    trainer, results = train(args, backbone, tasks, accelerator)
+
     if accelerator.is_main_process:
         finished = time.perf_counter()
         results.update(

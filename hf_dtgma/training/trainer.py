@@ -37,13 +37,15 @@ STATE_NAME = "trainer_state.json"
 @dataclass
 class ContinualTask:
     """One task of a benchmark: its name, label names and splits with a `label` column and the inputs (`text`, or
-    the cached backbone `features` the trainer reads)."""
+    the cached backbone `features` the trainer reads). `notes` says where the splits came from when a loader made
+    them (e.g. "validation: 10% of train, seed 0"); results.json records it."""
 
     name: str
     labels: list[str]
     train: Dataset
     validation: Dataset
     test: Dataset
+    notes: str = ""
 
 
 @dataclass
@@ -64,6 +66,8 @@ class ContinualTrainingConfig:
         mixed_precision: "no", "fp16" or "bf16" (through Accelerate).
         log_with: an Accelerate tracker ("tensorboard", ...); None (default) logs nothing.
         cpu: force the CPU even where a GPU is present.
+        evaluation_split: the split each row of the accuracy matrix is measured on: "test" (default), or
+            "validation" to compare settings without ever reading a test split.
     """
 
     output_dir: str
@@ -79,6 +83,11 @@ class ContinualTrainingConfig:
     mixed_precision: str = "no"
     log_with: str | None = None
     cpu: bool = False
+    evaluation_split: str = "test"
+
+    def __post_init__(self):
+        if self.evaluation_split not in ("test", "validation"):
+            raise ValueError(f"`evaluation_split` must be 'test' or 'validation', got {self.evaluation_split!r}.")
 
 
 @dataclass
@@ -140,7 +149,7 @@ class ContinualTrainer:
             started = time.perf_counter()
             best_accuracy, epochs = self._train_task(index, task)
             trained = time.perf_counter()
-            row = [self._accuracy(j, tasks[j].test) for j in range(index + 1)]
+            row = [self._accuracy(j, getattr(tasks[j], self.config.evaluation_split)) for j in range(index + 1)]
             state.finished_tasks.append(task.name)
             state.accuracy_matrix.append(row)
             state.validation_accuracy[task.name] = best_accuracy
@@ -301,4 +310,5 @@ class ContinualTrainer:
                 "per_task": {name: self.model.num_task_parameters(name) for name in names},
             },
             "num_processes": self.accelerator.num_processes,
+            "task_notes": {task.name: task.notes for task in tasks if task.notes},
         }

@@ -1,0 +1,109 @@
+"""Compare settings of the main job on validation accuracy only; the test splits are never read.
+
+    python scripts/tune_text_domains.py --candidates '{"lr": 1e-2}' '{"lr": 3e-3}' --seeds 0 1 2
+
+Each candidate is a JSON object of the main job's options (the argparse names of scripts/text_domains.py: "lr",
+"epochs", "patience", "layer", "task_rank", ...) laid over the defaults and any flags given here. Every candidate
+runs the whole continual sequence once per seed, with the accuracy matrix measured on the validation splits, and
+the candidates are ranked by validation accuracy averaged over tasks and seeds. Writes results.json and results.md
+to --output-dir. This is how the main job's defaults were chosen (README, "Results").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+from text_domains import build_parser, make_accelerator, prepare, train
+
+from hf_dtgma.files import write_json_atomic, write_text_atomic
+
+# Options that change the features, so a candidate that sets them needs its own backbone pass (cached afterwards).
+FEATURE_OPTIONS = ("benchmark", "data_dir", "num_tasks", "backbone", "backbone_revision", "layer", "max_length", "cache_dir")
+DEFAULT_CANDIDATES = ['{"lr": 1e-2}', '{"lr": 3e-3}', '{"lr": 1e-3}']
+
+
+def parse_args() -> tuple[argparse.Namespace, list[dict]]:
+    parser = build_parser()
+    parser.description = __doc__
+    tuning = parser.add_argument_group("tuning")
+    tuning.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES, help="JSON objects of option overrides")
+    tuning.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.set_defaults(output_dir="outputs/tuning/text_domains")
+    args = parser.parse_args()
+    if args.resume:
+        parser.error("--resume does not apply to tuning: every candidate and seed starts from scratch.")
+    candidates = []
+    for text in args.candidates:
+        try:
+            candidate = json.loads(text)
+        except json.JSONDecodeError as error:
+            parser.error(f"--candidates {text!r} is not valid JSON ({error.msg}); write e.g. '{{\"lr\": 3e-3}}'.")
+        if not isinstance(candidate, dict):
+            parser.error(f"--candidates {text!r} must be a JSON object of option names to values.")
+        unknown = sorted(set(candidate) - set(vars(args)) | set(candidate) & {"seed", "seeds", "candidates", "output_dir", "resume"})
+        if unknown:
+            parser.error(f"--candidates {text!r} sets {unknown}, which are not tunable options of text_domains.py.")
+        candidates.append(candidate)
+    return args, candidates
+
+
+def results_markdown(rows: list[dict], tasks: list[str], seeds: list[int]) -> str:
+    header = "| candidate | mean | " + " | ".join(tasks) + " |"
+    lines = [
+        f"Validation accuracy (%), mean over seeds {seeds}; best first. Test splits not read.",
+        "",
+        header,
+        "|" + "---|" * (len(tasks) + 2),
+    ]
+    for row in rows:
+        cells = " | ".join(f"{100 * row['mean_per_task'][task]:.2f}" for task in tasks)
+        lines.append(f"| `{json.dumps(row['overrides'])}` | **{100 * row['mean']:.2f}** | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    base, candidates = parse_args()
+    accelerator = make_accelerator(base)
+    prepared: dict[tuple, tuple] = {}
+    rows = []
+    for overrides in candidates:
+        args = argparse.Namespace(**{**vars(base), **overrides})
+        key = tuple(getattr(args, option) for option in FEATURE_OPTIONS)
+        if key not in prepared:
+            prepared[key] = prepare(args, accelerator)
+        backbone, _, tasks = prepared[key]
+        per_seed = {}
+        started = time.perf_counter()
+        for seed in base.seeds:
+            with tempfile.TemporaryDirectory() as checkpoints:
+                args.seed, args.output_dir = seed, checkpoints
+                _, results = train(args, backbone, tasks, accelerator, evaluation_split="validation")
+            per_seed[seed] = results["validation_accuracy"]
+        names = [task.name for task in tasks]
+        mean_per_task = {name: statistics.mean(per_seed[seed][name] for seed in base.seeds) for name in names}
+        rows.append(
+            {
+                "overrides": overrides,
+                "mean": statistics.mean(mean_per_task.values()),
+                "mean_per_task": mean_per_task,
+                "per_seed": per_seed,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        if accelerator.is_main_process:
+            print(f"{json.dumps(overrides)}: validation accuracy {100 * rows[-1]['mean']:.2f}%", flush=True)
+
+    if accelerator.is_main_process:
+        rows.sort(key=lambda row: -row["mean"])
+        summary = {"benchmark": base.benchmark, "seeds": base.seeds, "split": "validation", "candidates": rows}
+        write_json_atomic(f"{base.output_dir}/results.json", summary)
+        write_text_atomic(f"{base.output_dir}/results.md", results_markdown(rows, names, base.seeds))
+        print(f"best: {json.dumps(rows[0]['overrides'])} ({100 * rows[0]['mean']:.2f}%) -> {base.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
