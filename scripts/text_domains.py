@@ -20,19 +20,56 @@ from accelerate import Accelerator, DataLoaderConfiguration
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, open_text_backbone
-from hf_dtgma.data import load_text_domains
+from hf_dtgma.data import CL_BENCHMARK_ORDERS, load_cl_benchmark, load_clinc150, load_custom, load_text_domains
 from hf_dtgma.features import cache_task_features
 from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig, write_run_outputs
 
-BENCHMARKS = {"text_domains": load_text_domains}
+BENCHMARKS = ("text_domains", "clinc150", "cl_benchmark", "custom")
+
+
+def load_benchmark(args: argparse.Namespace) -> list[ContinualTask]:
+    """The tasks of `--benchmark`, in order, from the Hub or from `--data-dir` / `--data-files`."""
+    if args.benchmark != "custom" and (args.data_files or args.dataset):
+        raise ValueError("--data-files and --dataset belong to --benchmark custom; other benchmarks read --data-dir.")
+    if args.benchmark == "text_domains":
+        if args.data_dir is not None:
+            raise ValueError("text_domains is built into the package and reads no --data-dir; drop the flag.")
+        return load_text_domains(num_tasks=args.num_tasks)
+    if args.benchmark == "clinc150":
+        return load_clinc150(args.data_dir, num_tasks=args.num_tasks)
+    if args.benchmark == "cl_benchmark":
+        return load_cl_benchmark(
+            args.data_dir, order=args.order, train_per_task=args.train_per_task, test_per_task=args.test_per_task,
+            seed=args.split_seed, num_tasks=args.num_tasks,
+        )
+    if not (args.data_files or args.dataset):
+        raise ValueError("--benchmark custom needs --data-files FILE [FILE ...] (or a folder) or --dataset <hub id>.")
+    return load_custom(
+        data_files=args.data_files, hub_id=args.dataset, text_column=args.text_column, label_column=args.label_column,
+        task_column=args.task_column, seed=args.split_seed, num_tasks=args.num_tasks,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="text_domains")
-    data.add_argument("--data-dir", default=None, help="local copy of the benchmark's files (benchmarks that need one)")
+    data.add_argument("--benchmark", choices=BENCHMARKS, default="text_domains")
+    data.add_argument(
+        "--data-dir", default=None,
+        help="local copy of clinc150 (data_full.json) or cl_benchmark (agnews/, amazon/, ...); default: the Hub",
+    )
     data.add_argument("--num-tasks", type=int, default=None, help="train only the first N tasks")
+    data.add_argument("--order", choices=sorted(CL_BENCHMARK_ORDERS), default="1", help="cl_benchmark task order")
+    data.add_argument("--train-per-task", type=int, default=None, help="cl_benchmark: subsample each training set")
+    data.add_argument("--test-per-task", type=int, default=None, help="cl_benchmark: subsample each test set")
+    data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
+    data.add_argument("--data-files", nargs="+", default=None, help="custom: CSV/TSV/JSON/JSONL/Parquet files or a folder")
+    data.add_argument("--dataset", default=None, help="custom: a Hub data set id instead of --data-files")
+    data.add_argument("--text-column", default="text", help="custom: column with the text")
+    data.add_argument("--label-column", default="label", help="custom: column with the label")
+    data.add_argument(
+        "--task-column", default="task", help="custom: column with the task name ('none': one file per task)"
+    )
     backbone = parser.add_argument_group("backbone")
     backbone.add_argument("--backbone", default=None, help=f"Hub id or local path (default: {DEFAULT_TEXT_BACKBONE})")
     backbone.add_argument("--backbone-revision", default=None)
@@ -54,15 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--epochs", type=int, default=40, help="most epochs per task (early stopping ends sooner)")
     training.add_argument("--patience", type=int, default=10, help="epochs without a better validation accuracy")
     training.add_argument("--batch-size", type=int, default=16, help="global batch size (all processes together)")
-    training.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (chosen on validation)")
+    training.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (chosen on validation)")
     training.add_argument("--weight-decay", type=float, default=0.01)
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     training.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU (also: CPU processes under accelerate launch --multi_gpu)")
     training.add_argument("--log-with", default=None, help="Accelerate tracker, e.g. tensorboard (off by default)")
-    training.add_argument("--output-dir", default="outputs/text_domains")
+    training.add_argument("--output-dir", default=None, help="default: outputs/<benchmark> (cl_benchmark: _order<N>)")
     training.add_argument("--resume", action="store_true", help="continue after the last finished task in --output-dir")
     return parser
+
+
+def complete_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on other flags."""
+    if args.task_column is not None and args.task_column.lower() == "none":
+        args.task_column = None
+    if args.output_dir is None:
+        suffix = f"_order{args.order}" if args.benchmark == "cl_benchmark" else ""
+        args.output_dir = f"outputs/{args.benchmark}{suffix}"
+    return args
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -82,7 +129,7 @@ def prepare(args: argparse.Namespace, accelerator: Accelerator) -> tuple[Deferre
         args.backbone, revision=args.backbone_revision, layer=args.layer, max_length=args.max_length,
         dtype=torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32, device=accelerator.device,
     )
-    tasks = BENCHMARKS[args.benchmark](num_tasks=args.num_tasks)
+    tasks = load_benchmark(args)
     with accelerator.main_process_first():
         cache_task_features(tasks, backbone, cache_dir=args.cache_dir)
     return backbone, fallback_reason, tasks
@@ -115,7 +162,7 @@ def train(
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    args = complete_args(build_parser().parse_args())
     started = time.perf_counter()
     accelerator = make_accelerator(args)
     backbone, fallback_reason, tasks = prepare(args, accelerator)

@@ -17,12 +17,15 @@ import statistics
 import tempfile
 import time
 
-from text_domains import build_parser, make_accelerator, prepare, train
+from text_domains import build_parser, complete_args, make_accelerator, prepare, train
 
 from hf_dtgma.files import write_json_atomic, write_text_atomic
 
 # Options that change the features, so a candidate that sets them needs its own backbone pass (cached afterwards).
-FEATURE_OPTIONS = ("benchmark", "data_dir", "num_tasks", "backbone", "backbone_revision", "layer", "max_length", "cache_dir")
+FEATURE_OPTIONS = (
+    "benchmark", "data_dir", "num_tasks", "order", "train_per_task", "test_per_task", "split_seed", "data_files", "dataset",
+    "text_column", "label_column", "task_column", "backbone", "backbone_revision", "layer", "max_length", "cache_dir",
+)
 DEFAULT_CANDIDATES = ['{"lr": 1e-2}', '{"lr": 3e-3}', '{"lr": 1e-3}']
 
 
@@ -32,8 +35,10 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES, help="JSON objects of option overrides")
     tuning.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.set_defaults(output_dir="outputs/tuning/text_domains")
     args = parser.parse_args()
+    chosen_output_dir = args.output_dir
+    args = complete_args(args)
+    args.output_dir = chosen_output_dir or args.output_dir.replace("outputs/", "outputs/tuning/", 1)
     if args.resume:
         parser.error("--resume does not apply to tuning: every candidate and seed starts from scratch.")
     candidates = []
@@ -68,21 +73,21 @@ def results_markdown(rows: list[dict], tasks: list[str], seeds: list[int]) -> st
 def main() -> None:
     base, candidates = parse_args()
     accelerator = make_accelerator(base)
-    prepared: dict[tuple, tuple] = {}
+    prepared: dict[str, tuple] = {}
     rows = []
     for overrides in candidates:
         args = argparse.Namespace(**{**vars(base), **overrides})
-        key = tuple(getattr(args, option) for option in FEATURE_OPTIONS)
+        key = json.dumps([getattr(args, option) for option in FEATURE_OPTIONS])
         if key not in prepared:
             prepared[key] = prepare(args, accelerator)
         backbone, _, tasks = prepared[key]
-        per_seed = {}
+        per_seed, epochs = {}, {}
         started = time.perf_counter()
         for seed in base.seeds:
             with tempfile.TemporaryDirectory() as checkpoints:
                 args.seed, args.output_dir = seed, checkpoints
                 _, results = train(args, backbone, tasks, accelerator, evaluation_split="validation")
-            per_seed[seed] = results["validation_accuracy"]
+            per_seed[seed], epochs[seed] = results["validation_accuracy"], results["epochs_trained"]
         names = [task.name for task in tasks]
         mean_per_task = {name: statistics.mean(per_seed[seed][name] for seed in base.seeds) for name in names}
         rows.append(
@@ -91,6 +96,7 @@ def main() -> None:
                 "mean": statistics.mean(mean_per_task.values()),
                 "mean_per_task": mean_per_task,
                 "per_seed": per_seed,
+                "epochs_trained": epochs,
                 "seconds": time.perf_counter() - started,
             }
         )

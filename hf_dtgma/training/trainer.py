@@ -74,7 +74,7 @@ class ContinualTrainingConfig:
     epochs: int = 40
     batch_size: int = 16
     eval_batch_size: int = 256
-    learning_rate: float = 1e-2
+    learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0

@@ -1,0 +1,208 @@
+"""Your own text-classification tasks, from local files or a Hub data set, as an ordered list of `ContinualTask`s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from ..training.trainer import ContinualTask
+from .splits import carve_split, column_values, int_labels, labelled_split
+
+SPLITS = ("train", "validation", "test")
+SPLIT_COLUMN = "split"
+# extension -> (`datasets` builder, extra builder arguments)
+BUILDERS: dict[str, tuple[str, dict]] = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+def load_custom(
+    data_files: str | list[str] | None = None,
+    hub_id: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    task_column: str | None = "task",
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    num_tasks: int | None = None,
+) -> list[ContinualTask]:
+    """Tasks from your own labelled text, one `ContinualTask` per task.
+
+    Sources (exactly one of `data_files` / `hub_id`):
+        - one file (.csv, .tsv, .json, .jsonl or .parquet) whose `task_column` names each row's task; tasks come in
+          the order of their first row. With `task_column=None` the whole file is one task named after the file.
+        - several files, or a directory of such files: one task per file, named after the file's stem, in the
+          order given (a directory: sorted by name); `task_column` is then ignored.
+        - `hub_id`: `load_dataset(hub_id)`, tasks from `task_column` as for one file.
+
+    Splits: a file with a `split` column (values train / validation / test) keeps those splits; a Hub data set keeps
+    its train / validation / test splits. Whatever split a task lacks is carved from its training rows, seeded and
+    stratified by label where possible: test is `test_fraction` and validation `validation_fraction` of the rows
+    available for carving. `notes` records how each task was split.
+
+    Labels: each task's sorted unique label values (numerically when all are numbers), as strings; `label` holds
+    their index.
+
+    Args:
+        data_files: a file, a list of files or a directory.
+        hub_id: a Hub data set id (instead of `data_files`).
+        text_column / label_column: the columns holding the text and the label.
+        task_column: the column naming each row's task (one-file and Hub sources); None: the source is one task.
+        validation_fraction / test_fraction: the shares carved where a split is missing.
+        seed: seed of every carving.
+        num_tasks: keep only the first `num_tasks` tasks.
+
+    Example:
+        >>> tasks = load_custom("my_tasks.csv", text_column="sentence")  # columns: sentence, label, task
+        >>> [task.name for task in tasks], tasks[0].labels
+        (['reviews', 'news'], ['negative', 'positive'])
+    """
+    if (data_files is None) == (hub_id is None):
+        raise ValueError("Pass exactly one of `data_files` (local files) or `hub_id` (a Hub data set), not "
+                         f"{'both' if hub_id is not None else 'neither'}.")
+    for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise ValueError(f"`{name}` must be between 0 and 1 (exclusive), got {value}.")
+    if validation_fraction + test_fraction >= 1:
+        raise ValueError("`validation_fraction` + `test_fraction` must leave rows for training (sum below 1).")
+    columns = {"text_column": text_column, "label_column": label_column}
+    if hub_id is not None:
+        loaded = load_dataset(hub_id)
+        source = {split: rows for split, rows in loaded.items() if split in SPLITS}
+        if "train" not in source:
+            raise ValueError(f"Hub {hub_id} has no `train` split (splits: {list(loaded)}); save the split to use as "
+                             "training data to a file and pass it as `data_files`.")
+        _check_columns(source, f"Hub {hub_id}", {**columns, "task_column": task_column})
+        sources = _hub_tasks(source, hub_id.rsplit("/", 1)[-1], task_column)
+        origin = f"Hub {hub_id}"
+    else:
+        files = _files_of(data_files)
+        if len(files) == 1:
+            table = _read_file(files[0])
+            _check_columns({"all": table}, files[0].name, {**columns, "task_column": task_column})
+            tables = _group(table, task_column) if task_column is not None else {files[0].stem: table}
+            sources = [(task, _split_parts(rows, files[0].name)) for task, rows in tables.items()]
+        else:
+            sources = []
+            for path in files:
+                table = _read_file(path)
+                _check_columns({"all": table}, path.name, columns)
+                sources.append((path.stem, _split_parts(table, path.name)))
+        origin = ", ".join(path.name for path in files)
+    if num_tasks is not None and not 1 <= num_tasks <= len(sources):
+        raise ValueError(f"`num_tasks` must be between 1 and {len(sources)} (the tasks found), got {num_tasks}.")
+    return [
+        _make_task(name, parts, text_column, label_column, validation_fraction, test_fraction, seed, origin)
+        for name, parts in sources[: num_tasks or len(sources)]
+    ]
+
+
+def _files_of(data_files: str | list[str]) -> list[Path]:
+    paths = [Path(data_files)] if isinstance(data_files, (str, Path)) else [Path(p) for p in data_files]
+    if not paths:
+        raise ValueError("`data_files` is empty: give a file, a list of files or a directory.")
+    if len(paths) == 1 and paths[0].is_dir():
+        paths = sorted(p for p in paths[0].iterdir() if p.suffix.lower() in BUILDERS)
+        if not paths:
+            raise FileNotFoundError(f"{data_files} holds no data file: expected files ending in {', '.join(BUILDERS)}.")
+    for path in paths:
+        if path.suffix.lower() not in BUILDERS:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(BUILDERS)}.")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: `data_files` should name existing files or a directory.")
+    return paths
+
+
+def _read_file(path: Path) -> Dataset:
+    builder, kwargs = BUILDERS[path.suffix.lower()]
+    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+
+
+def _split_parts(table: Dataset, where: str) -> dict[str, Dataset]:
+    """A task's rows split by the `split` column when there is one ({"train": ..., ...}), else {"all": rows}."""
+    if SPLIT_COLUMN not in table.column_names:
+        return {"all": table}
+    parts = _group(table, SPLIT_COLUMN)
+    unknown = sorted(set(parts) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"{where}: the `{SPLIT_COLUMN}` column may only hold {', '.join(SPLITS)}; found {unknown}.")
+    return parts
+
+
+def _group(dataset: Dataset, column: str) -> dict[str, Dataset]:
+    """Rows of `dataset` grouped by the value of `column` (as a string), in the order of each value's first row."""
+    indices: dict[str, list[int]] = {}
+    for i, value in enumerate(column_values(dataset, column)):
+        indices.setdefault(str(value), []).append(i)
+    return {value: dataset.select(rows) for value, rows in indices.items()}
+
+
+def _check_columns(parts: dict[str, Dataset], where: str, columns: dict[str, str | None]) -> None:
+    for part in parts.values():
+        for argument, column in columns.items():
+            if column is not None and column not in part.column_names:
+                also = " or None to read the source as a single task" if argument == "task_column" else ""
+                raise ValueError(f"{where}: no column {column!r} (columns: {part.column_names}); pass "
+                                 f"`{argument}=` the column to use{also}.")
+
+
+def _hub_tasks(source: dict[str, Dataset], name: str, task_column: str | None) -> list[tuple[str, dict[str, Dataset]]]:
+    """[(task, {split: rows}), ...], tasks in order of first appearance (train split first)."""
+    if task_column is None:
+        return [(name, source)]
+    tasks: dict[str, dict[str, Dataset]] = {}
+    for split in (s for s in SPLITS if s in source):
+        for task, rows in _group(source[split], task_column).items():
+            tasks.setdefault(task, {})[split] = rows
+    return list(tasks.items())
+
+
+def _make_task(name: str, parts: dict[str, Dataset], text_column: str, label_column: str, validation_fraction: float,
+               test_fraction: float, seed: int, origin: str) -> ContinualTask:
+    texts = {split: column_values(part, text_column) for split, part in parts.items()}
+    targets = {split: column_values(part, label_column) for split, part in parts.items()}
+    values = [value for split in parts for value in targets[split]]
+    for column, found in ((label_column, values), (text_column, [t for split in parts for t in texts[split]])):
+        if any(value is None for value in found):
+            raise ValueError(f"Task {name!r} ({origin}) has rows with an empty {column!r}; fill or drop them.")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    labels = list(dict.fromkeys(str(v) for v in sorted(set(values), key=None if numeric else str)))
+    if len(labels) < 2:
+        raise ValueError(f"Task {name!r} ({origin}) has only the label(s) {labels} in column {label_column!r}; a task "
+                         "needs at least 2 labels.")
+    index = {label: i for i, label in enumerate(labels)}
+    splits = {
+        split: labelled_split([str(t) for t in texts[split]], [index[str(v)] for v in targets[split]], labels)
+        for split in parts
+    }
+    pool = splits.pop("all" if "all" in splits else "train", None)
+    if pool is None:
+        raise ValueError(f"Task {name!r} ({origin}) has no training rows (only {', '.join(splits)}).")
+    notes = [] if "all" in parts else [f"{', '.join(s for s in SPLITS if s in parts)}: given ({origin})"]
+    missing = [split for split in ("test", "validation") if split not in splits]
+    sizes = {"test": round(test_fraction * len(pool)), "validation": round(validation_fraction * len(pool))}
+    if missing and (min(sizes[s] for s in missing) < 1 or sum(sizes[s] for s in missing) >= len(pool)):
+        raise ValueError(f"Task {name!r} ({origin}) has {len(pool)} training rows: too few to carve "
+                         f"{' and '.join(missing)} ({', '.join(f'{sizes[s]} {s}' for s in missing)}) and keep some "
+                         "for training; add rows or give those splits in a `split` column.")
+    for split in missing:
+        pool, splits[split], how = carve_split(pool, sizes[split], seed)
+        share = test_fraction if split == "test" else validation_fraction
+        notes.append(f"{split}: {share:.0%} of the task's {'rows' if 'all' in parts else 'train rows'} "
+                     f"({sizes[split]}, {how}, seed {seed})")
+    if missing:
+        notes.append(f"train: the remaining {len(pool)}")
+    return ContinualTask(
+        name=name,
+        labels=labels,
+        train=int_labels(pool),
+        validation=int_labels(splits["validation"]),
+        test=int_labels(splits["test"]),
+        notes="; ".join(notes),
+    )
