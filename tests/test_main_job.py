@@ -1,0 +1,65 @@
+"""The main job end to end on a custom benchmark: a small CSV made here, a tiny local backbone, two tasks."""
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import tiny_qwen
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = {
+    "markets": ["the market rallied", "stocks fell after rates rose", "the market fell", "stocks rallied"],
+    "science": ["a new comet was found", "the comet was found after", "a comet rose", "a new comet"],
+}
+SPORTS = {
+    "win": ["team won final match", "the team won the final", "team won", "won the match"],
+    "loss": ["the team fell", "team fell after the match", "the final match fell", "team fell"],
+}
+
+
+def write_csv(path: Path) -> None:
+    """Two tasks in one file (a `domain` column), 24 rows per label, with word-order variations."""
+    rng = random.Random(0)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence", "target", "domain"])
+        for task, labels in (("news", TOPICS), ("sports", SPORTS)):
+            for label, phrases in labels.items():
+                for i in range(24):
+                    words = rng.choice(phrases).split()
+                    writer.writerow([" ".join(words + words[: i % 3]), label, task])
+
+
+def test_custom_csv_runs_end_to_end(tmp_path):
+    model, tokenizer = tiny_qwen()
+    tokenizer.pad_token = "<pad>"  # in the vocabulary (a new token would index past the tiny embedding table)
+    model.save_pretrained(tmp_path / "backbone")
+    tokenizer.save_pretrained(tmp_path / "backbone")
+    write_csv(tmp_path / "domains.csv")
+    command = [
+        sys.executable, str(ROOT / "scripts" / "text_domains.py"), "--benchmark", "custom",
+        "--data-files", str(tmp_path / "domains.csv"), "--text-column", "sentence", "--label-column", "target",
+        "--task-column", "domain", "--backbone", str(tmp_path / "backbone"), "--layer", "-1",
+        "--hidden-size", "16", "--num-heads", "2", "--epochs", "3", "--patience", "3", "--cpu",
+        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["benchmark"] == "custom"
+    assert results["backbone"]["name"] == str(tmp_path / "backbone") and results["backbone"]["fallback_reason"] is None
+    matrix = results["task_il"]["accuracy_matrix"]
+    assert [len(row) for row in matrix] == [1, 2] and matrix[1][0] == matrix[0][0]
+    assert results["task_il"]["average_forgetting"] == 0.0
+    assert list(results["validation_accuracy"]) == ["news", "sports"]
+    assert all("test: 10% of the task's rows" in results["task_notes"][task] for task in ("news", "sports"))
+    for task in ("news", "sports"):
+        adapter = json.loads((tmp_path / "out" / "adapters" / task / "adapter_config.json").read_text())
+        assert sorted(adapter["labels"]) == sorted(TOPICS if task == "news" else SPORTS)
+    assert (tmp_path / "out" / "accuracy_matrix.png").stat().st_size > 0
