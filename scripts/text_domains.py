@@ -16,13 +16,13 @@ import argparse
 import time
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, open_text_backbone
 from hf_dtgma.data import CL_BENCHMARK_ORDERS, load_cl_benchmark, load_clinc150, load_custom, load_text_domains
 from hf_dtgma.features import cache_task_features
-from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig, write_run_outputs
+from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator, write_run_outputs
 
 BENCHMARKS = ("text_domains", "clinc150", "cl_benchmark", "custom")
 
@@ -112,13 +112,9 @@ def complete_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    return Accelerator(
-        cpu=args.cpu,
-        mixed_precision=args.mixed_precision,
-        log_with=args.log_with,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+def make_run_accelerator(args: argparse.Namespace) -> Accelerator:
+    return make_accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=args.output_dir
     )
 
 
@@ -164,7 +160,7 @@ def train(
 def main() -> None:
     args = complete_args(build_parser().parse_args())
     started = time.perf_counter()
-    accelerator = make_accelerator(args)
+    accelerator = make_run_accelerator(args)
     backbone, fallback_reason, tasks = prepare(args, accelerator)
     features_done = time.perf_counter()
     trainer, results = train(args, backbone, tasks, accelerator)

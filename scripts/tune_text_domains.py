@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from text_domains import build_parser, complete_args, make_accelerator, prepare, train
+from text_domains import build_parser, complete_args, make_run_accelerator, prepare, train
 
 from hf_dtgma.files import write_json_atomic, write_text_atomic
 
@@ -56,7 +56,8 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
     return args, candidates
 
 
-def results_markdown(rows: list[dict], tasks: list[str], seeds: list[int]) -> str:
+def results_markdown(rows: list[dict], seeds: list[int]) -> str:
+    tasks = list(rows[0]["mean_per_task"])
     header = "| candidate | mean | " + " | ".join(tasks) + " |"
     lines = [
         f"Validation accuracy (%), mean over seeds {seeds}; best first. Test splits not read.",
@@ -72,7 +73,7 @@ def results_markdown(rows: list[dict], tasks: list[str], seeds: list[int]) -> st
 
 def main() -> None:
     base, candidates = parse_args()
-    accelerator = make_accelerator(base)
+    accelerator = make_run_accelerator(base)
     prepared: dict[str, tuple] = {}
     rows = []
     for overrides in candidates:
@@ -107,7 +108,7 @@ def main() -> None:
         rows.sort(key=lambda row: -row["mean"])
         summary = {"benchmark": base.benchmark, "seeds": base.seeds, "split": "validation", "candidates": rows}
         write_json_atomic(f"{base.output_dir}/results.json", summary)
-        write_text_atomic(f"{base.output_dir}/results.md", results_markdown(rows, names, base.seeds))
+        write_text_atomic(f"{base.output_dir}/results.md", results_markdown(rows, base.seeds))
         print(f"best: {json.dumps(rows[0]['overrides'])} ({100 * rows[0]['mean']:.2f}%) -> {base.output_dir}")
 
 

@@ -2,7 +2,7 @@
 
 from .metrics import average_accuracy, average_forgetting, backward_transfer, forward_transfer, summarize
 from .reporting import write_run_outputs
-from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig
+from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
 
 __all__ = [
     "ContinualTask",
@@ -12,6 +12,7 @@ __all__ = [
     "average_forgetting",
     "backward_transfer",
     "forward_transfer",
+    "make_accelerator",
     "summarize",
     "write_run_outputs",
 ]

@@ -90,6 +90,20 @@ class ContinualTrainingConfig:
             raise ValueError(f"`evaluation_split` must be 'test' or 'validation', got {self.evaluation_split!r}.")
 
 
+def make_accelerator(
+    cpu: bool = False, mixed_precision: str | None = None, log_with: str | None = None, project_dir: str | None = None
+) -> Accelerator:
+    """The `Accelerator` a continual run uses: `split_batches=True`, so the batch size is global and any number of
+    processes sees the same batches as one."""
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        project_dir=project_dir,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+
+
 @dataclass
 class _RunState:
     """What a checkpoint records besides the model: enough to resume after the last finished task."""
@@ -116,12 +130,8 @@ class ContinualTrainer:
     def __init__(self, model: DTGMAModel, config: ContinualTrainingConfig, accelerator: Accelerator | None = None):
         self.model = model
         self.config = config
-        self.accelerator = accelerator or Accelerator(
-            cpu=config.cpu,
-            mixed_precision=config.mixed_precision,
-            log_with=config.log_with,
-            project_dir=config.output_dir,
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        self.accelerator = accelerator or make_accelerator(
+            cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with, project_dir=config.output_dir
         )
         self.output_dir = Path(config.output_dir)
 
