@@ -5,12 +5,12 @@ Both follow one protocol, so `DTGMAModel.attach_backbone` takes either: ``backbo
 and in every task adapter).
 
 * `TextBackbone`: any Hugging Face `AutoModel` (Qwen2.5 by default), hidden states of a chosen layer.
-* `PatchEmbedder`: images `(B, C, H, W)` cut into patches, projected, plus a learned position embedding.
+* `PatchEmbedder`: images `(B, C, H, W)` cut into patches, projected, plus a learned position embedding. It lives in
+  `modeling_dtgma` (a model with `config.image_size` owns one, saved with it) and is re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import warnings
 from pathlib import Path
@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .modeling_dtgma import PatchEmbedder  # noqa: F401  (re-exported: images are a backbone too)
 
 DEFAULT_TEXT_BACKBONE = "Qwen/Qwen2.5-1.5B"
 
@@ -128,60 +130,6 @@ class TextBackbone(nn.Module):
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return self(batch["input_ids"], batch["attention_mask"])
-
-
-class PatchEmbedder(nn.Module):
-    """Images `(B, C, H, W)` → patch tokens `(B, N, D)`: a stride-`patch_size` convolution plus a learned position
-    embedding, N = (H / patch_size) · (W / patch_size).
-
-    Example:
-
-    ```python
-    >>> embedder = PatchEmbedder(image_size=28, patch_size=7, num_channels=1, hidden_size=64)
-    >>> tokens, mask = embedder(torch.rand(8, 1, 28, 28))
-    >>> tokens.shape, mask.shape
-    (torch.Size([8, 16, 64]), torch.Size([8, 16]))
-    ```
-    """
-
-    def __init__(self, image_size: int = 28, patch_size: int = 7, num_channels: int = 1, hidden_size: int = 64):
-        super().__init__()
-        if image_size % patch_size != 0:
-            raise ValueError(f"`image_size` ({image_size}) must be a multiple of `patch_size` ({patch_size}).")
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.hidden_size = hidden_size
-        self.num_patches = (image_size // patch_size) ** 2
-        self.projection = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.position_embedding = nn.Parameter(torch.randn(1, self.num_patches, hidden_size) * 0.02)
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        digest = hashlib.sha256()
-        for tensor in self.state_dict().values():
-            digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
-        return {
-            "type": "patch",
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "num_channels": self.num_channels,
-            "hidden_size": self.hidden_size,
-            "weights_sha256": digest.hexdigest()[:16],
-        }
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        expected = (self.num_channels, self.image_size, self.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"`pixel_values` must have shape (batch, {', '.join(map(str, expected))}), "
-                f"got {tuple(pixel_values.shape)}: resize the images or build a PatchEmbedder for this size."
-            )
-        weight = self.projection.weight
-        patches = self.projection(pixel_values.to(device=weight.device, dtype=weight.dtype))  # (B, D, H/p, W/p)
-        tokens = patches.flatten(2).transpose(1, 2) + self.position_embedding  # (B, N, D)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-        return tokens, mask
 
 
 EMBEDDED_TEXT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"

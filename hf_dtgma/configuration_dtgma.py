@@ -13,6 +13,7 @@ from transformers import PreTrainedConfig
 
 TASK_PARAM_MODES = ("lowrank", "full")
 SHARED_TRAINING_MODES = ("first_task", "never")
+PATCH_EMBEDDER_MODES = ("shared", "per_task")
 
 # The config fields that fix the shapes of a task's parameters. An adapter saved
 # from one model loads into another only when all of them agree.
@@ -26,6 +27,8 @@ ADAPTER_SHAPE_FIELDS = (
     "task_param_mode",
     "task_rank",
 )
+# And, for a model that reads images through its own patch embedder, these.
+IMAGE_SHAPE_FIELDS = ("image_size", "patch_size", "num_channels", "patch_embedder")
 
 
 class DTGMAConfig(PreTrainedConfig):
@@ -75,6 +78,18 @@ class DTGMAConfig(PreTrainedConfig):
             `DTGMAModel.add_task`; `from_pretrained` rebuilds the task parameters from it.
         shared_frozen (`bool`, defaults to `False`):
             Whether the shared parameters have been frozen (set by `freeze_task` / `add_task`).
+        image_size (`int`, *optional*):
+            Side of the square images the model reads through its own patch embedder (`forward(pixel_values=...)`).
+            `None` (default): the model reads token features (`inputs_embeds`) of an external backbone.
+        patch_size (`int`, defaults to 7):
+            Side of the non-overlapping square patches; must divide `image_size`. The model reads
+            `(image_size / patch_size)²` patch tokens of width `input_dim`.
+        num_channels (`int`, defaults to 1):
+            Channels of the images (1 grey, 3 colour).
+        patch_embedder (`str`, defaults to `"shared"`):
+            Who owns the patch embedder when `image_size` is set. `"shared"`: one embedder, a shared parameter that
+            follows `shared_training` (frozen at its initialisation with `"never"`). `"per_task"`: every task trains
+            its own embedder, saved in its adapter; all-task evaluation (`task_ids=None`) then runs one pass per task.
         backbone (`dict`, *optional*):
             Identity of the frozen backbone the features come from (e.g. `{"name": "Qwen/Qwen2.5-1.5B", "layer": -1}`);
             recorded in every adapter so that features of another backbone are refused.
@@ -85,6 +100,7 @@ class DTGMAConfig(PreTrainedConfig):
     >>> from hf_dtgma import DTGMAConfig, DTGMAModel
     >>> config = DTGMAConfig(input_dim=384, hidden_size=128, num_layers=2, num_heads=4)
     >>> model = DTGMAModel(config)
+    >>> images = DTGMAConfig(image_size=28, patch_size=7, input_dim=64, hidden_size=128)  # 16 patch tokens per image
     ```
     """
 
@@ -109,6 +125,10 @@ class DTGMAConfig(PreTrainedConfig):
         tasks: list[dict[str, Any]] | None = None,
         shared_frozen: bool = False,
         backbone: dict[str, Any] | None = None,
+        image_size: int | None = None,
+        patch_size: int = 7,
+        num_channels: int = 1,
+        patch_embedder: str = "shared",
         **kwargs,
     ):
         for name, value in (
@@ -118,6 +138,9 @@ class DTGMAConfig(PreTrainedConfig):
             ("num_heads", num_heads),
             ("num_task_tokens", num_task_tokens),
             ("task_rank", task_rank),
+            ("patch_size", patch_size),
+            ("num_channels", num_channels),
+            *((("image_size", image_size),) if image_size is not None else ()),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DTGMAConfig: `{name}` must be a positive integer, got {value!r}.")
@@ -131,6 +154,12 @@ class DTGMAConfig(PreTrainedConfig):
         if shared_training not in SHARED_TRAINING_MODES:
             raise ValueError(
                 f"DTGMAConfig: `shared_training` must be one of {SHARED_TRAINING_MODES}, got {shared_training!r}."
+            )
+        if patch_embedder not in PATCH_EMBEDDER_MODES:
+            raise ValueError(f"DTGMAConfig: `patch_embedder` must be one of {PATCH_EMBEDDER_MODES}, got {patch_embedder!r}.")
+        if image_size is not None and image_size % patch_size != 0:
+            raise ValueError(
+                f"DTGMAConfig: `patch_size` ({patch_size}) must divide `image_size` ({image_size}); e.g. 28 -> 4, 7 or 14."
             )
         self.input_dim = input_dim
         self.hidden_size = hidden_size
@@ -149,8 +178,14 @@ class DTGMAConfig(PreTrainedConfig):
         self.tasks = [dict(task) for task in (tasks or [])]
         self.shared_frozen = bool(shared_frozen or shared_training == "never")
         self.backbone = dict(backbone) if backbone else None
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.patch_embedder = patch_embedder
         super().__init__(**kwargs)
 
     def adapter_shape_config(self) -> dict[str, Any]:
-        """The fields that fix the shapes of one task's parameters (see `ADAPTER_SHAPE_FIELDS`)."""
-        return {field: getattr(self, field) for field in ADAPTER_SHAPE_FIELDS}
+        """The fields that fix the shapes of one task's parameters (`ADAPTER_SHAPE_FIELDS`, plus `IMAGE_SHAPE_FIELDS`
+        when the model reads images)."""
+        fields = ADAPTER_SHAPE_FIELDS + (IMAGE_SHAPE_FIELDS if self.image_size is not None else ())
+        return {field: getattr(self, field) for field in fields}

@@ -87,16 +87,16 @@ def cache_task_features(
             setattr(task, split, cache_features(getattr(task, split), backbone, cache_dir=cache_dir))
 
 
-def collate_features(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Pad a list of `{"features": (n_i, D), "label": int}` examples into a batch.
+def pad_features(features: list[torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pad per-example token features `[(n_i, D), ...]` into `inputs_embeds (B, N_max, D)` and `attention_mask (B, N_max)`.
 
-    Returns `inputs_embeds (B, N_max, D)`, `attention_mask (B, N_max)` and `labels (B,)`.
+    Example:
+        >>> batch = pad_features([torch.ones(2, 4), torch.ones(3, 4)])
+        >>> batch["inputs_embeds"].shape, batch["attention_mask"].tolist()
+        (torch.Size([2, 3, 4]), [[1, 1, 0], [1, 1, 1]])
     """
-    tokens = [torch.as_tensor(example["features"]) for example in examples]
+    tokens = list(features)
     lengths = torch.tensor([len(t) for t in tokens])
     inputs = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
-    return {
-        "inputs_embeds": inputs,
-        "attention_mask": (torch.arange(inputs.shape[1])[None] < lengths[:, None]).long(),
-        "labels": torch.tensor([int(example["label"]) for example in examples]),
-    }
+    return {"inputs_embeds": inputs, "attention_mask": (torch.arange(inputs.shape[1])[None] < lengths[:, None]).long()}
+

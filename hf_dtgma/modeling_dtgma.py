@@ -2,7 +2,8 @@
 
 The model reads the sequence ``[task tokens; input tokens]``:
 
-* input tokens are token features of a frozen backbone, ``(B, N, input_dim)`` with an attention mask;
+* input tokens are token features of a frozen backbone, ``(B, N, input_dim)`` with an attention mask, or the patch
+  tokens of images (``pixel_values``) from the model's own ``PatchEmbedder`` (``config.image_size``);
 * every task owns ``num_task_tokens`` learned tokens, a low-rank (or full) delta on the projections its tokens go
   through, and a head (LayerNorm + Linear) that reads the mean of its tokens' final states.
 
@@ -118,6 +119,84 @@ def _linear_2d(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return F.linear(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias).view(*x.shape[:-1], linear.out_features)
 
 
+class PatchEmbedder(nn.Module):
+    """Images `(B, C, H, W)` → patch tokens `(B, N, D)`: every non-overlapping `patch_size`² patch, flattened, goes
+    through one linear projection, plus a position embedding; N = (H / patch_size) · (W / patch_size).
+
+    Both are initialised at unit scale (LeCun-normal projection, unit-normal positions), so that even a frozen
+    embedder gives tokens that say what a patch holds and where it is: with the 0.02-scale positions of a ViT the
+    position signal drowns and split Fashion-MNIST lost 1-2 points of validation accuracy.
+
+    Example:
+
+    ```python
+    >>> embedder = PatchEmbedder(image_size=28, patch_size=7, num_channels=1, hidden_size=64)
+    >>> tokens, mask = embedder(torch.rand(8, 1, 28, 28))
+    >>> tokens.shape, mask.shape
+    (torch.Size([8, 16, 64]), torch.Size([8, 16]))
+    ```
+    """
+
+    def __init__(self, image_size: int = 28, patch_size: int = 7, num_channels: int = 1, hidden_size: int = 64):
+        super().__init__()
+        if image_size % patch_size != 0:
+            raise ValueError(f"`image_size` ({image_size}) must be a multiple of `patch_size` ({patch_size}).")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.weight = nn.Parameter(torch.empty(hidden_size, num_channels * patch_size**2))
+        self.bias = nn.Parameter(torch.empty(hidden_size))
+        self.position_embedding = nn.Parameter(torch.empty(self.num_patches, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, normal_: Callable = nn.init.normal_, zeros_: Callable = nn.init.zeros_) -> None:
+        normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+        zeros_(self.bias)
+        normal_(self.position_embedding, mean=0.0, std=1.0)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What `attach_backbone` records: the geometry and a hash of the weights."""
+        digest = hashlib.sha256()
+        for tensor in self.state_dict().values():
+            digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+        return {
+            "type": "patch",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "hidden_size": self.hidden_size,
+            "weights_sha256": digest.hexdigest()[:16],
+        }
+
+    def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` → `(B, N, C · patch_size²)` flattened patches, row by row."""
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}: resize the images or build a model for this size."
+            )
+        pixel_values = pixel_values.to(device=self.weight.device, dtype=self.weight.dtype)
+        return F.unfold(pixel_values, self.patch_size, stride=self.patch_size).transpose(1, 2)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the patch tokens `(B, N, D)` and an all-ones attention mask `(B, N)`."""
+        patches = self.patches(pixel_values)
+        tokens = (patches @ self.weight.t()[None]) + self.bias + self.position_embedding
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+
+
+def _patch_embedder(config: DTGMAConfig) -> PatchEmbedder:
+    return PatchEmbedder(config.image_size, config.patch_size, config.num_channels, config.input_dim)
+
+
+def _per_task_patches(config: DTGMAConfig) -> bool:
+    return config.image_size is not None and config.patch_embedder == "per_task"
+
+
 class DTGMATaskLayer(nn.Module):
     """One task's parameters inside one layer: a delta on each of the projections its tokens go through.
 
@@ -147,10 +226,13 @@ class DTGMATaskHead(nn.Module):
 
 
 class DTGMATaskAdapter(nn.Module):
-    """Everything task t owns: its tokens, its per-layer deltas and its head. Saved alone as the task's adapter."""
+    """Everything task t owns: its tokens, its per-layer deltas and its head (and its patch embedder when
+    `config.patch_embedder == "per_task"`). Saved alone as the task's adapter."""
 
     def __init__(self, config: DTGMAConfig, num_labels: int):
         super().__init__()
+        if _per_task_patches(config):
+            self.patch_embed = _patch_embedder(config)
         self.task_tokens = nn.Parameter(torch.empty(config.num_task_tokens, config.hidden_size))
         self.layers = nn.ModuleList(DTGMATaskLayer(config) for _ in range(config.num_layers))
         self.head = DTGMATaskHead(config, num_labels)
@@ -261,6 +343,8 @@ class DTGMAPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, PatchEmbedder):
+            module.reset_parameters(init.normal_, init.zeros_)
         elif isinstance(module, DTGMATaskAdapter):
             init.normal_(module.task_tokens, mean=0.0, std=std)
         elif isinstance(module, DTGMATaskLayer):
@@ -293,6 +377,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
     def __init__(self, config: DTGMAConfig):
         super().__init__(config)
+        if config.image_size is not None and config.patch_embedder == "shared":
+            self.patch_embed = _patch_embedder(config)
         self.input_norm = nn.LayerNorm(config.input_dim, eps=config.layer_norm_eps)
         self.input_proj = nn.Linear(config.input_dim, config.hidden_size)
         self.layers = nn.ModuleList(DTGMALayer(config) for _ in range(config.num_layers))
@@ -481,13 +567,31 @@ class DTGMAModel(DTGMAPreTrainedModel):
             task_ids: `(B,)` task ids (a batch may mix tasks), or one id / task name for the whole batch. `None`
                 evaluates every registered task in one pass.
             labels: `(B,)` label indices within each row's task; gives `loss` (needs `task_ids`).
-            input_ids / pixel_values: raw inputs, run through the attached backbone (see `attach_backbone`).
+            pixel_values: `(B, C, H, W)` images, read through the model's own patch embedder when
+                `config.image_size` is set, else through the attached backbone (see `attach_backbone`).
+            input_ids: token ids, run through the attached backbone.
             output_attentions: also return the attention weights of every layer.
             output_hidden_states: also return the sequence states after every layer.
         """
         if sum(value is not None for value in (inputs_embeds, input_ids, pixel_values)) != 1:
             raise ValueError("Pass exactly one of `inputs_embeds`, `input_ids` or `pixel_values`.")
-        if inputs_embeds is None:
+        per_task_patches = _per_task_patches(self.config)
+        if per_task_patches and pixel_values is None:
+            raise ValueError(
+                "This model embeds images with one patch embedder per task (config.patch_embedder='per_task'): "
+                "pass `pixel_values`, not token features."
+            )
+        if pixel_values is not None and self.config.image_size is not None:
+            if not self.task_adapters:
+                raise ValueError("The model has no task yet: call `model.add_task(name, labels=[...])` first.")
+            batch = pixel_values.shape[0]
+            task_ids = self._check_task_ids(task_ids, batch, self.input_proj.weight.device)
+            if per_task_patches and task_ids is None:
+                if labels is not None:
+                    raise ValueError("`labels` need `task_ids`: the loss is computed within each row's task.")
+                return self._forward_each_task(pixel_values, output_attentions, output_hidden_states, return_dict)
+            inputs_embeds, attention_mask = self._embed_pixels(pixel_values, task_ids)
+        elif inputs_embeds is None:
             inputs_embeds, attention_mask = self._features_from_backbone(input_ids, pixel_values, attention_mask)
         inputs_embeds, attention_mask = self._check_inputs(inputs_embeds, attention_mask)
         task_ids = self._check_task_ids(task_ids, inputs_embeds.shape[0], inputs_embeds.device)
@@ -522,6 +626,35 @@ class DTGMAModel(DTGMAPreTrainedModel):
             loss = self._loss(logits, labels, task_ids)
         output = DTGMAOutput(
             loss=loss, logits=logits, task_states=task_states, hidden_states=all_hidden, attentions=all_attentions
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _embed_pixels(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens `(B, N, input_dim)` and mask `(B, N)` of `pixel_values` `(B, C, H, W)`: from the shared
+        embedder, or from each row's task's own embedder (`task_ids` (B,) given)."""
+        if not _per_task_patches(self.config):
+            return self.patch_embed(pixel_values)
+        embedders = [adapter.patch_embed for adapter in self.task_adapters]
+        patches = embedders[0].patches(pixel_values)  # (B, N, C·p²)
+        weight = _by_group([embedder.weight.t() for embedder in embedders], task_ids)[:, 0]  # (B, C·p², D)
+        bias = _by_group([embedder.bias[None] for embedder in embedders], task_ids)[:, 0]  # (B, 1, D)
+        position = _by_group([embedder.position_embedding for embedder in embedders], task_ids)[:, 0]  # (B, N, D)
+        tokens = patches @ weight + bias + position
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+
+    def _forward_each_task(
+        self, pixel_values: torch.Tensor, output_attentions: bool, output_hidden_states: bool, return_dict: bool | None
+    ) -> DTGMAOutput | tuple:
+        """`task_ids=None` with per-task patch embedders: every task sees its own patch tokens, so each task runs
+        its own pass over the batch; logits `(B, T, L_max)` and task states `(B, T, D)` as in the one-pass case."""
+        if output_attentions or output_hidden_states:
+            raise ValueError(
+                "With per-task patch embedders, attentions and hidden states are returned per task: pass `task_ids`."
+            )
+        outputs = [self(pixel_values=pixel_values, task_ids=index) for index in range(len(self.task_adapters))]
+        output = DTGMAOutput(
+            logits=torch.stack([out.logits for out in outputs], dim=1),
+            task_states=torch.stack([out.task_states for out in outputs], dim=1),
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -735,4 +868,4 @@ class atomic_path:
 DTGMAConfig.register_for_auto_class()
 DTGMAModel.register_for_auto_class("AutoModel")
 
-__all__ = ["DTGMAModel", "DTGMAPreTrainedModel", "DTGMAOutput", "task_graph_mask"]
+__all__ = ["DTGMAModel", "DTGMAPreTrainedModel", "DTGMAOutput", "PatchEmbedder", "task_graph_mask"]

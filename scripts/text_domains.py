@@ -18,11 +18,18 @@ import time
 import torch
 from accelerate import Accelerator
 
-from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, open_text_backbone
 from hf_dtgma.data import CL_BENCHMARK_ORDERS, load_cl_benchmark, load_clinc150, load_custom, load_text_domains
 from hf_dtgma.features import cache_task_features
-from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator, write_run_outputs
+from hf_dtgma.training import ContinualTask, ContinualTrainer
+from hf_dtgma.training.cli import (
+    add_model_arguments,
+    add_training_arguments,
+    finish_run,
+    make_run_accelerator,
+    model_config,
+    train_continually,
+)
 
 BENCHMARKS = ("text_domains", "clinc150", "cl_benchmark", "custom")
 
@@ -79,26 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backbone.add_argument("--max-length", type=int, default=128, help="tokens per text")
     backbone.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/hf_dtgma/features)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--hidden-size", type=int, default=256)
-    model.add_argument("--num-layers", type=int, default=2)
-    model.add_argument("--num-heads", type=int, default=4)
-    model.add_argument("--task-param-mode", choices=["lowrank", "full"], default="lowrank")
-    model.add_argument("--task-rank", type=int, default=8)
-    model.add_argument("--num-task-tokens", type=int, default=1)
-    model.add_argument("--shared-training", choices=["never", "first_task"], default="never")
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=40, help="most epochs per task (early stopping ends sooner)")
-    training.add_argument("--patience", type=int, default=10, help="epochs without a better validation accuracy")
-    training.add_argument("--batch-size", type=int, default=16, help="global batch size (all processes together)")
-    training.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (chosen on validation)")
-    training.add_argument("--weight-decay", type=float, default=0.01)
-    training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    training.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU (also: CPU processes under accelerate launch --multi_gpu)")
-    training.add_argument("--log-with", default=None, help="Accelerate tracker, e.g. tensorboard (off by default)")
-    training.add_argument("--output-dir", default=None, help="default: outputs/<benchmark> (cl_benchmark: _order<N>)")
-    training.add_argument("--resume", action="store_true", help="continue after the last finished task in --output-dir")
+    add_model_arguments(parser)
+    add_training_arguments(parser)
     return parser
 
 
@@ -110,12 +99,6 @@ def complete_args(args: argparse.Namespace) -> argparse.Namespace:
         suffix = f"_order{args.order}" if args.benchmark == "cl_benchmark" else ""
         args.output_dir = f"outputs/{args.benchmark}{suffix}"
     return args
-
-
-def make_run_accelerator(args: argparse.Namespace) -> Accelerator:
-    return make_accelerator(
-        cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=args.output_dir
-    )
 
 
 def prepare(args: argparse.Namespace, accelerator: Accelerator) -> tuple[DeferredTextBackbone, str | None, list[ContinualTask]]:
@@ -136,25 +119,11 @@ def train(
     backbone: DeferredTextBackbone,
     tasks: list[ContinualTask],
     accelerator: Accelerator,
-    evaluation_split: str = "test",
+    evaluation_split: str | None = None,
 ) -> tuple[ContinualTrainer, dict]:
     """Train a new DTG-MA model on `tasks` in order; returns the trainer (its `.model`) and the results."""
-    config = DTGMAConfig(
-        input_dim=backbone.hidden_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_heads=args.num_heads, task_param_mode=args.task_param_mode, task_rank=args.task_rank,
-        num_task_tokens=args.num_task_tokens, shared_training=args.shared_training, backbone=backbone.identity,
-    )
-    torch.manual_seed(args.seed)  # the shared weights' initialisation
-    trainer = ContinualTrainer(
-        DTGMAModel(config),
-        ContinualTrainingConfig(
-            output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-            weight_decay=args.weight_decay, patience=args.patience, seed=args.seed, log_with=args.log_with,
-            evaluation_split=evaluation_split,
-        ),
-        accelerator=accelerator,
-    )
-    return trainer, trainer.fit(tasks, resume=args.resume)
+    config = model_config(args, input_dim=backbone.hidden_size, backbone=backbone.identity)
+    return train_continually(args, config, tasks, accelerator, evaluation_split)
 
 
 def main() -> None:
@@ -164,23 +133,11 @@ def main() -> None:
     backbone, fallback_reason, tasks = prepare(args, accelerator)
     features_done = time.perf_counter()
     trainer, results = train(args, backbone, tasks, accelerator)
-
-    if accelerator.is_main_process:
-        finished = time.perf_counter()
-        results.update(
-            benchmark=args.benchmark,
-            backbone={**backbone.identity, "fallback_reason": fallback_reason, "loaded_this_run": backbone.loaded},
-            seed=args.seed,
-            config=vars(args),
-            seconds_features=features_done - started,
-            seconds_total=finished - started,
-        )
-        write_run_outputs(trainer.model, results, args.output_dir)
-        task_il = results["task_il"]
-        print(
-            f"{args.benchmark}: average accuracy {100 * task_il['average_accuracy']:.2f}%, average forgetting "
-            f"{100 * task_il['average_forgetting']:.2f}, {results['seconds_total']:.0f} s -> {args.output_dir}"
-        )
+    finish_run(
+        trainer, results, args, accelerator, started,
+        backbone={**backbone.identity, "fallback_reason": fallback_reason, "loaded_this_run": backbone.loaded},
+        seconds_features=features_done - started,
+    )
 
 
 if __name__ == "__main__":

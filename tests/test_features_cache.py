@@ -5,7 +5,7 @@ from datasets import Dataset
 
 from conftest import TEXTS, tiny_qwen
 from hf_dtgma.backbones import DeferredTextBackbone, TextBackbone
-from hf_dtgma.features import cache_features, collate_features
+from hf_dtgma.features import cache_features, pad_features
 
 
 class CountingBackbone(TextBackbone):
@@ -56,9 +56,8 @@ def test_a_cached_run_never_loads_the_backbone_weights(tmp_path):
     assert not second.loaded and len(cached) == 4
 
 
-def test_collate_pads_and_masks():
-    examples = [{"features": torch.ones(2, 3), "label": 1}, {"features": torch.ones(4, 3), "label": 0, }]
-    batch = collate_features(examples)
+def test_pad_features_pads_and_masks():
+    batch = pad_features([torch.ones(2, 3), 2 * torch.ones(4, 3)])
     assert batch["inputs_embeds"].shape == (2, 4, 3)
     assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-    assert batch["labels"].tolist() == [1, 0]
+    assert batch["inputs_embeds"][0, 2:].abs().sum() == 0 and batch["inputs_embeds"][1].eq(2).all()

@@ -34,7 +34,8 @@ def results_markdown(results: dict) -> str:
         f"| parameters per task | {min(results['parameters']['per_task'].values()):,}"
         f"–{max(results['parameters']['per_task'].values()):,} |",
         "",
-        "Accuracy matrix (%, row i: after training task i; column j: test accuracy on task j):",
+        f"Accuracy matrix (%, row i: after training task i; column j: {results.get('config', {}).get('evaluate_on', 'test')} "
+        "accuracy on task j):",
         "",
         "| after ↓ / on → | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ..features import collate_features
+from ..features import pad_features
 from ..files import write_json_atomic
 from ..modeling_dtgma import DTGMAModel
 from .metrics import summarize
@@ -36,9 +37,11 @@ STATE_NAME = "trainer_state.json"
 
 @dataclass
 class ContinualTask:
-    """One task of a benchmark: its name, label names and splits with a `label` column and the inputs (`text`, or
-    the cached backbone `features` the trainer reads). `notes` says where the splits came from when a loader made
-    them (e.g. "validation: 10% of train, seed 0"); results.json records it."""
+    """One task of a benchmark: its name, label names and splits with a `label` column and the inputs the trainer
+    reads: `features` (cached backbone token features, from a `text` column) or `pixel_values` (images). `notes` says
+    where the splits came from when a loader made them (e.g. "validation: 10% of train, seed 0"); results.json
+    records it. `train_transform`, if given, maps each training batch `{"pixel_values", "labels"}` to an augmented
+    one (training only; validation and test batches are never transformed)."""
 
     name: str
     labels: list[str]
@@ -46,6 +49,7 @@ class ContinualTask:
     validation: Dataset
     test: Dataset
     notes: str = ""
+    train_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -186,7 +190,9 @@ class ContinualTrainer:
         trainable = list(trainable_by_name.values())
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         generator = torch.Generator().manual_seed(config.seed + index)
-        train_loader = self._loader(task.train, config.batch_size, shuffle=True, generator=generator)
+        train_loader = self._loader(
+            task.train, config.batch_size, shuffle=True, generator=generator, transform=task.train_transform
+        )
         steps = config.epochs * math.ceil(len(task.train) / config.batch_size)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
         wrapped, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
@@ -233,11 +239,23 @@ class ContinualTrainer:
         model.freeze_task(task.name)
         return best[0], epochs
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None, transform: Callable | None = None
+    ) -> DataLoader:
+        """Batches of `{"inputs_embeds", "attention_mask", "labels"}` (from `features`) or `{"pixel_values",
+        "labels"}`, with `transform` applied to each."""
         if len(dataset) == 0:
             raise ValueError("A split has no examples: every task needs train, validation and test examples.")
-        columns = dataset.with_format("torch", columns=["features", "label"])
-        return DataLoader(columns, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_features)
+        inputs = next((name for name in ("features", "pixel_values") if name in dataset.column_names), None)
+        if inputs is None:
+            raise ValueError(
+                f"A split has neither `features` nor `pixel_values` (columns: {dataset.column_names}): compute text "
+                "features with hf_dtgma.features.cache_task_features, or give images as `pixel_values`."
+            )
+        columns = dataset.with_format("torch", columns=[inputs, "label"])
+        return DataLoader(
+            columns, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=_collator(inputs, transform)
+        )
 
     @torch.no_grad()
     def _evaluate(self, task_index: int, dataset: Dataset) -> tuple[float, float]:
@@ -248,10 +266,9 @@ class ContinualTrainer:
         self.model.eval()
         correct, loss, total = 0, 0.0, 0
         for batch in loader:
+            inputs = {name: value for name, value in batch.items() if name != "labels"}
             with accelerator.autocast():
-                logits = self.model(
-                    inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"], task_ids=task_index
-                ).logits
+                logits = self.model(**inputs, task_ids=task_index).logits
             losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
             predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
             correct += (predictions == labels).sum().item()
@@ -322,3 +339,17 @@ class ContinualTrainer:
             "num_processes": self.accelerator.num_processes,
             "task_notes": {task.name: task.notes for task in tasks if task.notes},
         }
+
+
+def _collator(inputs: str, transform: Callable | None = None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Collate examples `{inputs: ..., "label": int}` into model inputs plus `labels (B,)`, then apply `transform`."""
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        if inputs == "features":
+            batch = pad_features([example["features"] for example in examples])
+        else:
+            batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples]).float()}
+        batch["labels"] = torch.tensor([int(example["label"]) for example in examples])
+        return transform(batch) if transform is not None else batch
+
+    return collate

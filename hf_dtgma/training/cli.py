@@ -1,0 +1,116 @@
+"""What the benchmark scripts (`scripts/text_domains.py`, `scripts/vision_splits.py`) share: the model and training
+flags, the Accelerator, one run of the continual trainer, and writing its outputs."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from ..configuration_dtgma import DTGMAConfig
+from ..modeling_dtgma import DTGMAModel
+from .reporting import write_run_outputs
+from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, hidden_size: int = 256) -> argparse._ArgumentGroup:
+    """The DTG-MA layer flags (`--hidden-size`, `--num-layers`, ...)."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--hidden-size", type=int, default=hidden_size)
+    model.add_argument("--num-layers", type=int, default=2)
+    model.add_argument("--num-heads", type=int, default=4)
+    model.add_argument("--task-param-mode", choices=["lowrank", "full"], default="lowrank")
+    model.add_argument("--task-rank", type=int, default=8)
+    model.add_argument("--num-task-tokens", type=int, default=1)
+    model.add_argument("--shared-training", choices=["never", "first_task"], default="never")
+    return model
+
+
+def add_training_arguments(
+    parser: argparse.ArgumentParser, epochs: int = 40, patience: int = 10, batch_size: int = 16, lr: float = 3e-3
+) -> argparse._ArgumentGroup:
+    """The continual-training flags (`--epochs`, `--lr`, `--output-dir`, `--resume`, ...), with per-script defaults."""
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=epochs, help="most epochs per task (early stopping ends sooner)")
+    training.add_argument("--patience", type=int, default=patience, help="epochs without a better validation accuracy")
+    training.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (all processes together)")
+    training.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (chosen on validation)")
+    training.add_argument("--weight-decay", type=float, default=0.01)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    training.add_argument(
+        "--cpu", action="store_true",
+        help="run on the CPU even with a GPU (also: CPU processes under accelerate launch --multi_gpu)",
+    )
+    training.add_argument("--log-with", default=None, help="Accelerate tracker, e.g. tensorboard (off by default)")
+    training.add_argument("--output-dir", default=None, help="default: outputs/<benchmark>")
+    training.add_argument("--resume", action="store_true", help="continue after the last finished task in --output-dir")
+    training.add_argument(
+        "--evaluate-on", choices=["test", "validation"], default="test",
+        help="split of the accuracy matrix: 'validation' to compare settings without reading a test split",
+    )
+    return training
+
+
+def model_config(args: argparse.Namespace, **fields: Any) -> DTGMAConfig:
+    """A `DTGMAConfig` from the model flags plus `fields` (input width, backbone identity, image geometry)."""
+    return DTGMAConfig(
+        hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+        task_param_mode=args.task_param_mode, task_rank=args.task_rank, num_task_tokens=args.num_task_tokens,
+        shared_training=args.shared_training, **fields,
+    )
+
+
+def make_run_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's `Accelerator` (global batch size, `--cpu`, `--mixed-precision`, `--log-with`)."""
+    return make_accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=args.output_dir
+    )
+
+
+def train_continually(
+    args: argparse.Namespace,
+    config: DTGMAConfig,
+    tasks: list[ContinualTask],
+    accelerator: Accelerator,
+    evaluation_split: str | None = None,
+) -> tuple[ContinualTrainer, dict]:
+    """Build a DTG-MA model from `config` (shared weights seeded by `--seed`) and train it on `tasks` in order,
+    measuring the accuracy matrix on `evaluation_split` (default: `--evaluate-on`). Returns the trainer (its
+    `.model`) and the results."""
+    torch.manual_seed(args.seed)  # the shared weights' initialisation
+    trainer = ContinualTrainer(
+        DTGMAModel(config),
+        ContinualTrainingConfig(
+            output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+            weight_decay=args.weight_decay, patience=args.patience, seed=args.seed, log_with=args.log_with,
+            evaluation_split=evaluation_split or args.evaluate_on,
+        ),
+        accelerator=accelerator,
+    )
+    return trainer, trainer.fit(tasks, resume=args.resume)
+
+
+def finish_run(
+    trainer: ContinualTrainer,
+    results: dict,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    started: float,
+    **extra: Any,
+) -> None:
+    """Write results.json / results.md / accuracy_matrix.png, the model and the adapters (main process only), and
+    print the summary line. `extra` goes into results.json (backbone, phase timings, ...)."""
+    if not accelerator.is_main_process:
+        return
+    results.update(benchmark=args.benchmark, seed=args.seed, config=vars(args), **extra)
+    results["seconds_total"] = time.perf_counter() - started
+    write_run_outputs(trainer.model, results, args.output_dir)
+    task_il = results["task_il"]
+    print(
+        f"{args.benchmark}: average accuracy {100 * task_il['average_accuracy']:.2f}%, average forgetting "
+        f"{100 * task_il['average_forgetting']:.2f}, {results['seconds_total']:.0f} s -> {args.output_dir}"
+    )

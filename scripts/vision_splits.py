@@ -1,0 +1,124 @@
+"""Continual learning on image splits with DTG-MA: pixels -> patch tokens -> DTG-MA layers with task tokens -> heads.
+
+    accelerate launch scripts/vision_splits.py --benchmark split_fashion_mnist --data-dir ../shared/data/fashion_mnist
+    python scripts/vision_splits.py --benchmark omniglot --data-dir ../shared/data/omniglot
+
+The same trainer, flags and outputs as scripts/text_domains.py (results.json, results.md, accuracy_matrix.png, the
+final model and one adapter per task in --output-dir). Without --data-dir the data come from the Hub (Omniglot has no
+canonical Hub copy and needs --data-dir). The model reads images through its own patch embedder
+(`DTGMAConfig(image_size=..., patch_size=...)`): shared and frozen at its initialisation by default, or one per task
+(--patch-embedder per_task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from hf_dtgma.data.vision import (
+    VISION_BENCHMARKS,
+    load_omniglot,
+    load_permuted_mnist,
+    load_split_cifar100,
+    load_split_fashion_mnist,
+    load_split_mnist,
+)
+from hf_dtgma.training import ContinualTask
+from hf_dtgma.training.cli import (
+    add_model_arguments,
+    add_training_arguments,
+    finish_run,
+    make_run_accelerator,
+    model_config,
+    train_continually,
+)
+
+IMAGE_GEOMETRY = {  # benchmark -> (image side, channels) of the loaded images (Omniglot: --image-size)
+    "split_mnist": (28, 1),
+    "permuted_mnist": (28, 1),
+    "split_fashion_mnist": (28, 1),
+    "split_cifar100": (32, 3),
+}
+
+
+def load_benchmark(args: argparse.Namespace) -> list[ContinualTask]:
+    """The tasks of `--benchmark`, in order, from `--data-dir` or the Hub."""
+    common = dict(num_tasks=args.num_tasks, seed=args.split_seed)
+    if args.benchmark == "omniglot":
+        if args.data_dir is None:
+            raise ValueError(
+                "omniglot has no canonical Hub copy: pass --data-dir with images_background.npz or the unzipped "
+                "images_background/ folder of github.com/brendenlake/omniglot."
+            )
+        return load_omniglot(
+            args.data_dir, classes_per_task=args.classes_per_task, tasks_by=args.omniglot_tasks,
+            image_size=args.image_size, max_shift=args.max_shift, **common,
+        )
+    if args.benchmark == "permuted_mnist":
+        return load_permuted_mnist(
+            args.data_dir, num_tasks=args.num_tasks or 10, seed=args.split_seed,
+            validation_fraction=args.validation_fraction, train_per_task=args.train_per_task,
+        )
+    loader = {
+        "split_mnist": load_split_mnist,
+        "split_fashion_mnist": load_split_fashion_mnist,
+        "split_cifar100": load_split_cifar100,
+    }[args.benchmark]
+    return loader(
+        args.data_dir, validation_fraction=args.validation_fraction, train_per_task=args.train_per_task,
+        max_shift=args.max_shift, **common,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--benchmark", choices=VISION_BENCHMARKS, default="split_fashion_mnist")
+    data.add_argument("--data-dir", default=None, help="local copy (see hf_dtgma/data/vision.py); default: the Hub")
+    data.add_argument("--num-tasks", type=int, default=None, help="train only the first N tasks")
+    data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
+    data.add_argument("--validation-fraction", type=float, default=0.1, help="share of each class of train held out")
+    data.add_argument("--train-per-task", type=int, default=None, help="subsample each training set")
+    data.add_argument("--max-shift", type=int, default=0, help="training augmentation: random shifts up to N pixels")
+    data.add_argument("--image-size", type=int, default=28, help="omniglot: side the 105x105 drawings are resized to")
+    data.add_argument("--classes-per-task", type=int, default=20, help="omniglot: characters per task")
+    data.add_argument(
+        "--omniglot-tasks", choices=["characters", "alphabets"], default="characters",
+        help="omniglot: groups of --classes-per-task characters, or one task per alphabet",
+    )
+    patches = parser.add_argument_group("patch embedder")
+    patches.add_argument("--patch-size", type=int, default=7, help="side of the square patches")
+    patches.add_argument("--embed-dim", type=int, default=64, help="width of the patch tokens (the model's input_dim)")
+    patches.add_argument(
+        "--patch-embedder", choices=["shared", "per_task"], default="shared",
+        help="one embedder for all tasks (trained per --shared-training), or one per task",
+    )
+    add_model_arguments(parser, hidden_size=128)
+    add_training_arguments(parser, epochs=30, patience=5, batch_size=64, lr=3e-3)
+    return parser
+
+
+def complete_args(args: argparse.Namespace) -> argparse.Namespace:
+    if args.output_dir is None:
+        args.output_dir = f"outputs/{args.benchmark}"
+    return args
+
+
+def main() -> None:
+    args = complete_args(build_parser().parse_args())
+    started = time.perf_counter()
+    accelerator = make_run_accelerator(args)
+    tasks = load_benchmark(args)
+    loaded = time.perf_counter()
+    image_size, channels = IMAGE_GEOMETRY.get(args.benchmark, (args.image_size, 1))
+    config = model_config(
+        args, input_dim=args.embed_dim, image_size=image_size, patch_size=args.patch_size, num_channels=channels,
+        patch_embedder=args.patch_embedder,
+    )
+    trainer, results = train_continually(args, config, tasks, accelerator)
+    embedder = f"patch embedder ({args.patch_embedder}, {args.patch_size}x{args.patch_size} patches of {image_size}x{image_size} images)"
+    finish_run(trainer, results, args, accelerator, started, backbone={"name": embedder}, seconds_data=loaded - started)
+
+
+if __name__ == "__main__":
+    main()
