@@ -6,8 +6,8 @@
 The same trainer, flags and outputs as scripts/text_domains.py (results.json, results.md, accuracy_matrix.png, the
 final model and one adapter per task in --output-dir). Without --data-dir the data come from the Hub (Omniglot has no
 canonical Hub copy and needs --data-dir). The model reads images through its own patch embedder
-(`DTGMAConfig(image_size=..., patch_size=...)`): shared and frozen at its initialisation by default, or one per task
-(--patch-embedder per_task).
+(`DTGMAConfig(image_size=..., patch_size=...)`): one per task by default, saved in the task's adapter, or one shared
+embedder (--patch-embedder shared), frozen at its initialisation unless --shared-training first_task.
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ from hf_dtgma.training.cli import (
     train_continually,
 )
 
+# Per-benchmark training defaults, chosen on validation splits (README, "Vision splits"); any flag given overrides them.
+# Omniglot has 240 training drawings per task: it needs many short epochs and shifted copies.
+BENCHMARK_DEFAULTS = {
+    "split_mnist": dict(epochs=30, patience=5, batch_size=64, max_shift=0),
+    "permuted_mnist": dict(epochs=15, patience=3, batch_size=64, max_shift=0),
+    "split_fashion_mnist": dict(epochs=20, patience=3, batch_size=64, max_shift=0),
+    "split_cifar100": dict(epochs=30, patience=5, batch_size=64, max_shift=2),
+    "omniglot": dict(epochs=300, patience=40, batch_size=32, max_shift=2),
+}
 IMAGE_GEOMETRY = {  # benchmark -> (image side, channels) of the loaded images (Omniglot: --image-size)
     "split_mnist": (28, 1),
     "permuted_mnist": (28, 1),
@@ -79,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
     data.add_argument("--validation-fraction", type=float, default=0.1, help="share of each class of train held out")
     data.add_argument("--train-per-task", type=int, default=None, help="subsample each training set")
-    data.add_argument("--max-shift", type=int, default=0, help="training augmentation: random shifts up to N pixels")
+    data.add_argument(
+        "--max-shift", type=int, default=None,
+        help="training augmentation: random shifts up to N pixels (default: 2 for omniglot and split_cifar100, else 0)",
+    )
     data.add_argument("--image-size", type=int, default=28, help="omniglot: side the 105x105 drawings are resized to")
     data.add_argument("--classes-per-task", type=int, default=20, help="omniglot: characters per task")
     data.add_argument(
@@ -90,15 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     patches.add_argument("--patch-size", type=int, default=7, help="side of the square patches")
     patches.add_argument("--embed-dim", type=int, default=64, help="width of the patch tokens (the model's input_dim)")
     patches.add_argument(
-        "--patch-embedder", choices=["shared", "per_task"], default="shared",
-        help="one embedder for all tasks (trained per --shared-training), or one per task",
+        "--patch-embedder", choices=["shared", "per_task"], default="per_task",
+        help="one embedder per task (default), or one shared embedder (frozen unless --shared-training first_task)",
     )
     add_model_arguments(parser, hidden_size=128)
-    add_training_arguments(parser, epochs=30, patience=5, batch_size=64, lr=3e-3)
+    add_training_arguments(parser, lr=3e-3)
+    parser.set_defaults(epochs=None, patience=None, batch_size=None)  # per benchmark: BENCHMARK_DEFAULTS
     return parser
 
 
 def complete_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset from `BENCHMARK_DEFAULTS` and the default output folder."""
+    for name, value in BENCHMARK_DEFAULTS[args.benchmark].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.output_dir is None:
         args.output_dir = f"outputs/{args.benchmark}"
     return args

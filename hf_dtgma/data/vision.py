@@ -128,7 +128,7 @@ def read_mnist(data_dir: str | Path | None, seed: int = 0, test_fraction: float 
         return train, test, "MNIST train / test files"
     keep, held = stratified_split(test.labels, test_fraction, seed)
     note = (
-        f"offline MNIST: only the 10,000 test images exist; split into {len(keep)} train / {len(held)} test "
+        f"offline MNIST: only the {len(test.labels):,} test images exist; split into {len(keep)} train / {len(held)} test "
         f"({test_fraction:.0%} of each digit held out, seed {seed})"
     )
     return test.take(keep), test.take(held), note
