@@ -11,7 +11,8 @@ Attention is ``softmax(QKᵀ/√d + M) V`` where the additive mask ``M ∈ {0, -
 real input tokens; task t's tokens read real input tokens and each other, never another task's tokens. Because input
 tokens never read task tokens and only pass through shared weights, their states are the same for every task, so
 all registered tasks are evaluated in one pass (``task_ids=None``), and a task's result does not depend on which other
-tasks exist.
+tasks exist. (With per-task patch embedders, ``config.patch_embedder="per_task"``, each task embeds the images its own
+way, so all-task evaluation runs one pass per task.)
 
 This file is copied next to the weights by ``save_pretrained`` and is what runs for a
 ``AutoModel.from_pretrained(..., trust_remote_code=True)`` user: it imports only torch, transformers (and its own
@@ -124,8 +125,8 @@ class PatchEmbedder(nn.Module):
     through one linear projection, plus a position embedding; N = (H / patch_size) · (W / patch_size).
 
     Both are initialised at unit scale (LeCun-normal projection, unit-normal positions), so that even a frozen
-    embedder gives tokens that say what a patch holds and where it is: with the 0.02-scale positions of a ViT the
-    position signal drowns and split Fashion-MNIST lost 1-2 points of validation accuracy.
+    embedder gives tokens that say what a patch holds and where it is (with the 0.02-scale positions of a ViT the
+    position signal drowns).
 
     Example:
 

@@ -149,6 +149,8 @@ def test_omniglot_from_npz_characters_and_drawer_split(tmp_path):
         load_omniglot(str(tmp_path), num_tasks=3)
     with pytest.raises(ValueError, match="summing to 20"):
         load_omniglot(str(tmp_path), drawers=(10, 4, 4))
+    with pytest.raises(ValueError, match="does not record the alphabets"):
+        load_omniglot(str(tmp_path), tasks_by="alphabets")
 
 
 def test_omniglot_from_png_folders_with_alphabets_as_tasks(tmp_path):

@@ -37,19 +37,6 @@ CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
 ]
-# Characters per alphabet of Omniglot's background set (964 characters), in the sorted folder order of
-# brendenlake/omniglot's images_background.zip, which is also the order of the packed images_background.npz.
-OMNIGLOT_BACKGROUND_ALPHABETS: dict[str, int] = {
-    "Alphabet_of_the_Magi": 20, "Anglo-Saxon_Futhorc": 29, "Arcadian": 26, "Armenian": 41,
-    "Asomtavruli_(Georgian)": 40, "Balinese": 24, "Bengali": 46, "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14,
-    "Braille": 26, "Burmese_(Myanmar)": 34, "Cyrillic": 33, "Early_Aramaic": 22, "Futurama": 26, "Grantha": 43,
-    "Greek": 24, "Gujarati": 48, "Hebrew": 22, "Inuktitut_(Canadian_Aboriginal_Syllabics)": 16,
-    "Japanese_(hiragana)": 52, "Japanese_(katakana)": 47, "Korean": 40, "Latin": 26, "Malay_(Jawi_-_Arabic)": 40,
-    "Mkhedruli_(Georgian)": 41, "N_Ko": 33, "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14, "Sanskrit": 42,
-    "Syriac_(Estrangelo)": 23, "Tagalog": 17, "Tifinagh": 55,
-}
-
-
 @dataclass
 class ImageArrays:
     """A labelled image set in memory: `images` uint8 `(N, H, W)` or `(N, H, W, C)`, `labels` int64 `(N,)`."""
@@ -177,17 +164,16 @@ def read_cifar100(data_dir: str | Path | None) -> tuple[ImageArrays, ImageArrays
     return splits[0], splits[1], names, "cifar-100-python train / test"
 
 
-def read_omniglot(data_dir: str | Path, image_size: int) -> tuple[np.ndarray, list[tuple[str, int]]]:
+def read_omniglot(data_dir: str | Path, image_size: int) -> tuple[np.ndarray, list[tuple[str, int]] | None]:
     """Omniglot's background set as ink images `(characters, drawers, image_size, image_size)` uint8 (255 = ink),
-    resized by area averaging, and its alphabets `[(name, number of characters), ...]` in character order."""
+    resized by area averaging, and its alphabets `[(name, number of characters), ...]` in character order (from the
+    PNG folders; None for the packed npz, which does not record them)."""
     folder = _local_folder(data_dir, "images_background.npz or the unzipped images_background/ folder")
     npz = folder / "images_background.npz"
     if npz.is_file():
         with np.load(npz) as data:
             ink = ~data["images"]  # True = ink
-        alphabets = list(OMNIGLOT_BACKGROUND_ALPHABETS.items())
-        if sum(count for _, count in alphabets) != len(ink):
-            alphabets = [("all", len(ink))]
+        alphabets = None  # the packed arrays do not say which alphabet a character belongs to
     else:
         root = folder / "images_background" if (folder / "images_background").is_dir() else folder
         alphabet_dirs = sorted(path for path in root.iterdir() if path.is_dir())
@@ -404,7 +390,8 @@ def load_omniglot(
         data_dir: folder with `images_background.npz` or the unzipped `images_background/` of brendenlake/omniglot.
         num_tasks: tasks to build (`None`: as many as the characters or alphabets allow).
         classes_per_task: characters per task when `tasks_by="characters"` (consecutive characters, in file order).
-        tasks_by: `"characters"` (fixed-size groups of characters) or `"alphabets"` (one task per alphabet).
+        tasks_by: `"characters"` (fixed-size groups of characters) or `"alphabets"` (one task per alphabet; needs
+            the PNG folders, since the npz does not record alphabets).
         image_size: side the 105×105 drawings are resized to (area averaging).
         drawers: how each character's 20 drawings split into train / validation / test, drawn with `seed`.
     """
@@ -417,6 +404,11 @@ def load_omniglot(
         available = len(images) // classes_per_task
         groups = [(f"characters_{classes_per_task * i}-{classes_per_task * (i + 1) - 1}", classes_per_task * i, classes_per_task) for i in range(available)]
     else:
+        if alphabets is None:
+            raise ValueError(
+                "images_background.npz does not record the alphabets: for tasks_by='alphabets' point `data_dir` at the "
+                "unzipped images_background/ folder of github.com/brendenlake/omniglot."
+            )
         starts = np.cumsum([0] + [count for _, count in alphabets])
         groups = [(name, int(start), count) for (name, count), start in zip(alphabets, starts)]
     groups = groups[: _check_num_tasks(num_tasks, len(groups), f"omniglot ({tasks_by})")]
