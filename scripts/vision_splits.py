@@ -42,12 +42,6 @@ BENCHMARK_DEFAULTS = {
     "split_cifar100": dict(epochs=30, patience=5, batch_size=64, max_shift=2),
     "omniglot": dict(epochs=300, patience=40, batch_size=32, max_shift=2),
 }
-IMAGE_GEOMETRY = {  # benchmark -> (image side, channels) of the loaded images (Omniglot: --image-size)
-    "split_mnist": (28, 1),
-    "permuted_mnist": (28, 1),
-    "split_fashion_mnist": (28, 1),
-    "split_cifar100": (32, 3),
-}
 
 
 def load_benchmark(args: argparse.Namespace) -> list[ContinualTask]:
@@ -130,7 +124,7 @@ def main() -> None:
     accelerator = make_run_accelerator(args)
     tasks = load_benchmark(args)
     loaded = time.perf_counter()
-    image_size, channels = IMAGE_GEOMETRY.get(args.benchmark, (args.image_size, 1))
+    channels, image_size, _ = tasks[0].train.features["pixel_values"].shape  # (C, H, W), square
     config = model_config(
         args, input_dim=args.embed_dim, image_size=image_size, patch_size=args.patch_size, num_channels=channels,
         patch_embedder=args.patch_embedder,

@@ -240,13 +240,7 @@ def class_split_tasks(
     labels renumbered 0..k-1 in the group's order."""
     tasks = []
     for index, group in enumerate(class_groups):
-        def subset(arrays: ImageArrays) -> ImageArrays:
-            rows = np.flatnonzero(np.isin(arrays.labels, group))
-            local = np.searchsorted(np.sort(group), arrays.labels[rows])
-            order = np.argsort(group)
-            return ImageArrays(arrays.images[rows], order[local])
-
-        task_train, task_test = subset(train), subset(test)
+        task_train, task_test = _class_subset(train, group), _class_subset(test, group)
         keep, held = stratified_split(task_train.labels, validation_fraction, seed + index)
         fit, validation = task_train.take(keep), task_train.take(held)
         if train_per_task is not None and train_per_task < len(fit.labels):
@@ -260,10 +254,22 @@ def class_split_tasks(
                 validation=to_pixel_dataset(validation.images, validation.labels, *stats),
                 test=to_pixel_dataset(task_test.images, task_test.labels, *stats),
                 notes=f"{notes}; validation: {validation_fraction:.0%} of each class of train, seed {seed + index}",
-                train_transform=RandomShift(max_shift, fill=-stats[0][0] / stats[1][0]) if max_shift else None,
+                train_transform=_shift_augmentation(max_shift, stats),
             )
         )
     return tasks
+
+
+def _class_subset(arrays: ImageArrays, group: list[int]) -> ImageArrays:
+    """The rows of `arrays` whose class is in `group`, relabelled by position in `group` (0..k-1)."""
+    rows = np.flatnonzero(np.isin(arrays.labels, group))
+    position_in_sorted = np.searchsorted(np.sort(group), arrays.labels[rows])
+    return ImageArrays(arrays.images[rows], np.argsort(group)[position_in_sorted])
+
+
+def _shift_augmentation(max_shift: int, stats: tuple[tuple[float, ...], tuple[float, ...]]) -> RandomShift | None:
+    """`RandomShift` filling with the normalised value of a black pixel, or None when `max_shift` is 0."""
+    return RandomShift(max_shift, fill=-stats[0][0] / stats[1][0]) if max_shift else None
 
 
 class RandomShift:
@@ -438,7 +444,7 @@ def load_omniglot(
                     f"Omniglot background set, {image_size}x{image_size}; drawings per character split "
                     f"{drawers[0]} train / {drawers[1]} validation / {drawers[2]} test, seed {seed}"
                 ),
-                train_transform=RandomShift(max_shift, fill=-stats[0][0] / stats[1][0]) if max_shift else None,
+                train_transform=_shift_augmentation(max_shift, stats),
             )
         )
     return tasks
