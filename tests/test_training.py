@@ -6,34 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+
+from conftest import DIM, synthetic_tasks
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
-from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig, write_run_outputs
-
-DIM = 8
-
-
-def synthetic_tasks(num_tasks: int = 3, sizes=(32, 8, 12), seed: int = 0) -> list[ContinualTask]:
-    """Binary tasks on variable-length token features: each class shifts its tokens by its own mean vector."""
-    rng = np.random.default_rng(seed)
-    tasks = []
-    for t in range(num_tasks):
-        means = 0.6 * rng.normal(size=(2, DIM))  # overlapping classes: accuracies well below 1
-        splits = []
-        for per_class in sizes:
-            features, labels = [], []
-            for label in (0, 1):
-                for _ in range(per_class):
-                    tokens = rng.normal(size=(int(rng.integers(2, 6)), DIM)) + means[label]
-                    features.append(tokens.astype(np.float16))
-                    labels.append(label)
-            splits.append(Dataset.from_dict({"features": features, "label": labels}))
-        tasks.append(ContinualTask(f"task{t}", ["no", "yes"], *splits))
-    return tasks
+from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig, write_run_outputs
 
 
 def new_model() -> DTGMAModel:

@@ -1,8 +1,9 @@
-"""Continual training of a `DTGMAModel` with Accelerate, one task after another.
+"""Continual training with Accelerate, one task after another: DTG-MA (a `DTGMAModel`) or any `ContinualStrategy`.
 
-For each task, in order: `add_task`, train what may train (the new task's parameters, and the shared ones only when
-the config says so), early-stop on the task's validation split, `freeze_task`, evaluate every task seen so far on its
-test split (one row of the accuracy matrix), checkpoint. A run is repeatable: task t's initialisation, shuffling and
+For each task, in order: the strategy's `begin_task` (DTG-MA: `add_task`), train what may train (DTG-MA: the new
+task's parameters, and the shared ones only when the config says so), early-stop on the task's validation split,
+`end_task` (DTG-MA: `freeze_task`), evaluate every task seen so far on its test split (one row of the accuracy
+matrix), checkpoint (DTG-MA). A run is repeatable: task t's initialisation, shuffling and
 dropout draw from `seed + t`, so `--resume` after task t continues exactly as the uninterrupted run would.
 """
 
@@ -22,13 +23,16 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets import Dataset
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ..features import pad_features
+from ..batches import batch_loader
 from ..files import write_json_atomic
 from ..modeling_dtgma import DTGMAModel
+from ..strategies.base import ContinualStrategy
+from ..strategies.dtgma import DTGMAStrategy
 from .metrics import summarize
 
 CHECKPOINT_POINTER = "latest_checkpoint.json"
@@ -120,7 +124,7 @@ class _RunState:
 
 
 class ContinualTrainer:
-    """Trains a `DTGMAModel` on a sequence of `ContinualTask`s.
+    """Trains a `DTGMAModel` (or any `ContinualStrategy`, see `hf_dtgma.strategies`) on a sequence of `ContinualTask`s.
 
     Example:
 
@@ -128,16 +132,33 @@ class ContinualTrainer:
     >>> trainer = ContinualTrainer(model, ContinualTrainingConfig(output_dir="runs/demo", epochs=10))
     >>> results = trainer.fit(tasks)            # tasks: list[ContinualTask] with cached features
     >>> results["task_il"]["average_accuracy"]
+    >>> ewc = ContinualTrainer(build_strategy("ewc", model.config), ContinualTrainingConfig(output_dir="runs/ewc"))
     ```
     """
 
-    def __init__(self, model: DTGMAModel, config: ContinualTrainingConfig, accelerator: Accelerator | None = None):
-        self.model = model
+    def __init__(
+        self,
+        model: DTGMAModel | ContinualStrategy,
+        config: ContinualTrainingConfig,
+        accelerator: Accelerator | None = None,
+    ):
+        self.strategy = model if isinstance(model, ContinualStrategy) else DTGMAStrategy(model)
         self.config = config
         self.accelerator = accelerator or make_accelerator(
             cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with, project_dir=config.output_dir
         )
+        if self.accelerator.num_processes > 1 and not self.strategy.supports_distributed:
+            raise ValueError(
+                f"The {self.strategy.name!r} strategy runs in one process (its state is not synchronised across "
+                f"processes); launch it without --num_processes or use dtgma."
+            )
         self.output_dir = Path(config.output_dir)
+        self._tasks: list[ContinualTask] = []
+
+    @property
+    def model(self) -> nn.Module:
+        """The strategy's model (a `DTGMAModel` for DTG-MA)."""
+        return self.strategy.module
 
     # ------------------------------------------------------------------ public
 
@@ -148,8 +169,11 @@ class ContinualTrainer:
         """
         if not tasks:
             raise ValueError("`tasks` is empty: give at least one ContinualTask.")
+        if resume and not self.strategy.supports_checkpoints:
+            raise ValueError(f"The {self.strategy.name!r} strategy writes no checkpoints, so it cannot resume.")
+        self._tasks = tasks
         state = self._resume(tasks) if resume else _RunState()
-        if not resume and self.model.tasks:
+        if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:
             raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
         accelerator = self.accelerator
         if self.config.log_with:
@@ -169,7 +193,8 @@ class ContinualTrainer:
             state.validation_accuracy[task.name] = best_accuracy
             state.epochs_trained[task.name] = epochs
             state.seconds[task.name] = {"train": trained - started, "evaluate": time.perf_counter() - trained}
-            self._save_checkpoint(state)
+            if self.strategy.supports_checkpoints:
+                self._save_checkpoint(state)
             if self.config.log_with:
                 accelerator.log({"average_accuracy": sum(row) / len(row)}, step=index)
             progress.update()
@@ -181,38 +206,57 @@ class ContinualTrainer:
     # ---------------------------------------------------------------- training
 
     def _train_task(self, index: int, task: ContinualTask) -> tuple[float, int]:
-        """Add and train task `index`; keep its best-validation parameters, freeze it. Returns (best val acc, epochs)."""
-        accelerator, config = self.accelerator, self.config
-        set_seed(config.seed + index)
-        model = self.model
-        model.add_task(task.name, labels=task.labels)
-        trainable_by_name = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        """Begin, train (best-validation parameters kept) and end task `index`. Returns (validation accuracy of the
+        finished task, epochs trained, retraining included)."""
+        set_seed(self.config.seed + index)
+        self.strategy.begin_task(index, self._tasks)
+        accuracy, epochs = self._train_epochs(index, self.config.epochs)
+        retrained: list[tuple[float, int]] = []
+
+        def retrain(num_epochs: int) -> float:
+            retrained.append(self._train_epochs(index, num_epochs))
+            return retrained[-1][0]
+
+        self.strategy.end_task(index, self._tasks, retrain)
+        if retrained:
+            accuracy, epochs = retrained[-1][0], epochs + sum(count for _, count in retrained)
+        return accuracy, epochs
+
+    def _train_epochs(self, index: int, num_epochs: int) -> tuple[float, int]:
+        """Train what the strategy leaves trainable for up to `num_epochs` epochs, early-stopped on validation; keep
+        the best epoch's parameters. Returns (best validation accuracy, epochs run)."""
+        accelerator, config, strategy = self.accelerator, self.config, self.strategy
+        task = self._tasks[index]
+        trainable_by_name = {name: param for name, param in strategy.module.named_parameters() if param.requires_grad}
         trainable = list(trainable_by_name.values())
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(strategy.parameter_groups(config.weight_decay), lr=config.learning_rate)
         generator = torch.Generator().manual_seed(config.seed + index)
+        train_data = strategy.train_dataset(index, self._tasks)
         train_loader = self._loader(
-            task.train, config.batch_size, shuffle=True, generator=generator, transform=task.train_transform
+            train_data, config.batch_size, shuffle=True, generator=generator, transform=task.train_transform
         )
-        steps = config.epochs * math.ceil(len(task.train) / config.batch_size)
+        steps = num_epochs * math.ceil(len(train_data) / config.batch_size)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
-        wrapped, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        wrapped, optimizer, train_loader, scheduler = accelerator.prepare(strategy.module, optimizer, train_loader, scheduler)
 
         best, best_state, stale, epochs = (-1.0, float("-inf")), None, 0, 0
-        epoch_bar = tqdm(range(config.epochs), desc=task.name, leave=False, disable=not accelerator.is_local_main_process)
+        epoch_bar = tqdm(range(num_epochs), desc=task.name, leave=False, disable=not accelerator.is_local_main_process)
         for epoch in epoch_bar:
             wrapped.train()
-            total_loss, batches = 0.0, 0
+            total_loss, batches, last = 0.0, 0, max(len(train_loader) - 1, 1)
             for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=not accelerator.is_local_main_process):
-                loss = wrapped(**batch, task_ids=index).loss
+                loss = strategy.training_loss(wrapped, batch, index, progress=batches / last)
                 accelerator.backward(loss)
+                strategy.before_optimizer_step()
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+                strategy.after_optimizer_step()
                 total_loss, batches = total_loss + loss.detach(), batches + 1
             epochs = epoch + 1
-            accuracy, val_loss = self._evaluate(index, task.validation)
+            accuracy, val_loss = self._validate(index)
             train_loss = (total_loss / max(batches, 1)).item()
             epoch_bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{accuracy:.4f}")
             if config.log_with:
@@ -230,32 +274,23 @@ class ContinualTrainer:
                 if stale >= config.patience:
                     break
         epoch_bar.close()
-        with torch.no_grad():  # the best epoch's task parameters (and shared ones, when they trained with this task)
+        with torch.no_grad():  # the best epoch's parameters
             for name, param in trainable_by_name.items():
                 param.copy_(best_state[name])
         # Drop the DDP wrapper, the mixed-precision forward and the optimizer: the next task prepares its own.
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         accelerator.free_memory()
-        model.freeze_task(task.name)
         return best[0], epochs
 
     def _loader(
         self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None, transform: Callable | None = None
     ) -> DataLoader:
-        """Batches of `{"inputs_embeds", "attention_mask", "labels"}` (from `features`) or `{"pixel_values",
-        "labels"}`, with `transform` applied to each."""
-        if len(dataset) == 0:
-            raise ValueError("A split has no examples: every task needs train, validation and test examples.")
-        inputs = next((name for name in ("features", "pixel_values") if name in dataset.column_names), None)
-        if inputs is None:
-            raise ValueError(
-                f"A split has neither `features` nor `pixel_values` (columns: {dataset.column_names}): compute text "
-                "features with hf_dtgma.features.cache_task_features, or give images as `pixel_values`."
-            )
-        columns = dataset.with_format("torch", columns=[inputs, "label"])
-        return DataLoader(
-            columns, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=_collator(inputs, transform)
-        )
+        return batch_loader(dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform)
+
+    def _validate(self, index: int) -> tuple[float, float]:
+        """Mean validation accuracy and loss over the tasks the strategy early-stops task `index` on."""
+        scores = [self._evaluate(j, self._tasks[j].validation) for j in self.strategy.validation_tasks(index)]
+        return sum(a for a, _ in scores) / len(scores), sum(loss for _, loss in scores) / len(scores)
 
     @torch.no_grad()
     def _evaluate(self, task_index: int, dataset: Dataset) -> tuple[float, float]:
@@ -266,9 +301,9 @@ class ContinualTrainer:
         self.model.eval()
         correct, loss, total = 0, 0.0, 0
         for batch in loader:
-            inputs = {name: value for name, value in batch.items() if name != "labels"}
+            inputs = {name: value for name, value in batch.items() if name not in ("labels", "task_ids")}
             with accelerator.autocast():
-                logits = self.model(**inputs, task_ids=task_index).logits
+                logits = self.strategy.logits(inputs, task_index)
             losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
             predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
             correct += (predictions == labels).sum().item()
@@ -318,8 +353,7 @@ class ContinualTrainer:
                 f"The checkpoint in {self.output_dir} finished tasks {state.finished_tasks}, but this run's task order "
                 f"starts with {expected}: resume with the same benchmark and order, or use a new --output-dir."
             )
-        self.model = type(self.model).from_pretrained(checkpoint / "model")
-        self.model.to(self.accelerator.device)
+        self.strategy = DTGMAStrategy(type(self.model).from_pretrained(checkpoint / "model").to(self.accelerator.device))
         return state
 
     # ------------------------------------------------------------------ results
@@ -331,25 +365,8 @@ class ContinualTrainer:
             "validation_accuracy": state.validation_accuracy,
             "epochs_trained": state.epochs_trained,
             "seconds": state.seconds,
-            "parameters": {
-                "total": self.model.num_parameters(),
-                "shared": sum(p.numel() for p in self.model.shared_parameters()),
-                "per_task": {name: self.model.num_task_parameters(name) for name in names},
-            },
+            "parameters": self.strategy.parameter_counts(names),
             "num_processes": self.accelerator.num_processes,
             "task_notes": {task.name: task.notes for task in tasks if task.notes},
         }
 
-
-def _collator(inputs: str, transform: Callable | None = None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """Collate examples `{inputs: ..., "label": int}` into model inputs plus `labels (B,)`, then apply `transform`."""
-
-    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        if inputs == "features":
-            batch = pad_features([example["features"] for example in examples])
-        else:
-            batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples]).float()}
-        batch["labels"] = torch.tensor([int(example["label"]) for example in examples])
-        return transform(batch) if transform is not None else batch
-
-    return collate

@@ -1,0 +1,168 @@
+"""What a continual-learning method is to the trainer: a `ContinualStrategy`, and the base of the baselines.
+
+`ContinualTrainer` runs every method the same way (same batches, optimizer, schedule, epochs, early stopping on the
+validation split, evaluation after each task); a strategy only says what happens at the points where methods differ:
+
+    begin_task(t, tasks)          add the task's head / adapter / gates, decide what trains
+    train_dataset(t, tasks)       what task t trains on (the task's training split; `joint`: every task so far)
+    training_loss(model, batch, t, progress)    the loss of one batch (regularisers, distillation, replay)
+    before_optimizer_step()       after backward: mask or rescale gradients (HAT, PackNet)
+    after_optimizer_step()        after the step: clamp, re-apply masks, update statistics
+    end_task(t, tasks, retrain)   consolidate: importance weights, masks, pruning (+ `retrain(epochs)`), buffers
+    logits(inputs, t)             task-incremental logits of task t for evaluation
+
+Batches are dicts with `labels (B,)` and either `inputs_embeds (B, N, D)` + `attention_mask (B, N)` or
+`pixel_values (B, C, H, W)`; with a `task_id` column in the data set (joint training), also `task_ids (B,)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+
+from ..configuration_dtgma import DTGMAConfig
+from .network import MultiHeadEncoder
+
+if TYPE_CHECKING:
+    from ..training.trainer import ContinualTask
+
+Retrain = Callable[[int], Any]
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model inputs of a batch (everything but `labels` and `task_ids`)."""
+    return {name: value for name, value in batch.items() if name not in ("labels", "task_ids")}
+
+
+@dataclass
+class NoHyperparameters:
+    """A method without hyperparameters of its own."""
+
+
+class ContinualStrategy:
+    """A continual-learning method, driven by `ContinualTrainer` (see the module docstring for the hooks).
+
+    Attributes:
+        config_class: the dataclass of the method's hyperparameters (`build_strategy` fills it).
+        module: the `nn.Module` holding every parameter that trains (Accelerate prepares it).
+        supports_checkpoints: the trainer can save and resume it (`module` is a `DTGMAModel`).
+        supports_distributed: it may run in several processes (its state needs no synchronisation).
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = NoHyperparameters
+    supports_checkpoints: ClassVar[bool] = False
+    supports_distributed: ClassVar[bool] = False
+    module: nn.Module
+
+    def begin_task(self, index: int, tasks: list[ContinualTask]) -> None:
+        raise NotImplementedError
+
+    def train_dataset(self, index: int, tasks: list[ContinualTask]) -> Dataset:
+        return tasks[index].train
+
+    def validation_tasks(self, index: int) -> list[int]:
+        """The tasks whose mean validation accuracy early-stops task `index` (default: that task alone)."""
+        return [index]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [param for param in self.module.parameters() if param.requires_grad]
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups (a method whose frozen weights must not decay overrides this)."""
+        return [{"params": self.trainable_parameters(), "weight_decay": weight_decay}]
+
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+        """Loss of one training batch of task `index`; `model` is `module` as prepared by Accelerate, `progress` the
+        position of the batch in its epoch (0 → first, 1 → last)."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def end_task(self, index: int, tasks: list[ContinualTask], retrain: Retrain) -> None:
+        pass
+
+    def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        """`(B, L_index)` logits of task `index` (task-incremental evaluation)."""
+        raise NotImplementedError
+
+    def parameter_counts(self, task_names: list[str]) -> dict[str, Any]:
+        """`{"total", "shared", "per_task": {name: n}}`: parameters of the model, and what each task added."""
+        raise NotImplementedError
+
+
+class SharedEncoderStrategy(ContinualStrategy):
+    """Base of the baselines: one `MultiHeadEncoder` shared by every task, a new head per task, cross-entropy on the
+    current task's head. Subclasses add their regulariser, masks or replay. Old heads never train again."""
+
+    def __init__(self, model_config: DTGMAConfig, config: Any = None):
+        self.model_config = model_config
+        self.config = config if config is not None else self.config_class()
+        self.network = MultiHeadEncoder(model_config)
+        self.module = self.network
+
+    def begin_task(self, index: int, tasks: list[ContinualTask]) -> None:
+        self.network.add_head(len(tasks[index].labels))
+        for number, head in enumerate(self.network.heads):
+            head.requires_grad_(number == index)
+
+    def task_loss(self, batch: dict[str, torch.Tensor], index: int, model: nn.Module | None = None) -> torch.Tensor:
+        """Cross-entropy of `model` (default: the network) on the batch, each row on its own task's head."""
+        task_ids = batch.get("task_ids", index)
+        logits = (model or self.network)(**model_inputs(batch), task_ids=task_ids)
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+        return self.task_loss(batch, index, model)
+
+    def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        return self.network(**inputs, task_ids=index)
+
+    def task_parameters(self, index: int) -> int:
+        """Parameters task `index` adds to the model (its head, and whatever a method adds per task)."""
+        return sum(param.numel() for param in self.network.heads[index].parameters())
+
+    def parameter_counts(self, task_names: list[str]) -> dict[str, Any]:
+        shared = sum(param.numel() for _, param in self.network.encoder_parameters())
+        per_task = {name: self.task_parameters(index) for index, name in enumerate(task_names)}
+        return {"total": shared + sum(per_task.values()), "shared": shared, "per_task": per_task}
+
+
+class UpdateMask:
+    """Scales each optimizer update of some parameters by a fixed multiplier in [0, 1] (0 = frozen entry).
+
+    Masking only the gradient is not enough with Adam: it divides by the gradient's running scale, so a gradient
+    scaled by 0.01 still makes a full-size step, and decoupled weight decay moves entries whose gradient is zero.
+    Call `before_step` after the backward pass (it masks the gradients and remembers the parameters) and `after_step`
+    after the optimizer step (it keeps `multiplier ×` the update).
+    """
+
+    def __init__(self) -> None:
+        self.multipliers: dict[nn.Parameter, torch.Tensor] = {}
+        self._before: dict[nn.Parameter, torch.Tensor] = {}
+
+    def set(self, multipliers: dict[nn.Parameter, torch.Tensor]) -> None:
+        self.multipliers = {param: value.to(param.device, param.dtype) for param, value in multipliers.items()}
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        for param, multiplier in self.multipliers.items():
+            if param.grad is not None:
+                param.grad.mul_(multiplier)
+        self._before = {param: param.detach().clone() for param in self.multipliers}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for param, before in self._before.items():
+            param.copy_(torch.lerp(before, param, self.multipliers[param]))  # exact at multipliers 0 and 1
+        self._before = {}

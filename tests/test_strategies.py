@@ -1,0 +1,253 @@
+"""The baselines harness: every strategy trains through the same trainer, and each one's defining mechanism holds."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DIM, synthetic_tasks
+
+from hf_dtgma import DTGMAConfig
+from hf_dtgma.batches import batch_loader
+from hf_dtgma.strategies import STRATEGIES, build_strategy
+from hf_dtgma.strategies.base import UpdateMask, model_inputs
+from hf_dtgma.strategies.joint import with_task_ids
+from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
+
+METHODS = ["dtgma", "dtgma_full", "joint", "finetune", "ewc", "mas", "lwf", "hat", "packnet", "derpp", "lora", "adapter"]
+
+
+def model_config(**overrides) -> DTGMAConfig:
+    return DTGMAConfig(**{**dict(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.0), **overrides})
+
+
+def fit(name: str, tmp_path, epochs: int = 3, **hyperparameters):
+    torch.manual_seed(0)
+    strategy = build_strategy(name, model_config(), **hyperparameters)
+    config = ContinualTrainingConfig(output_dir=str(tmp_path / name), epochs=epochs, batch_size=16, patience=3, cpu=True)
+    trainer = ContinualTrainer(strategy, config)
+    return trainer, trainer.fit(synthetic_tasks())
+
+
+def test_every_registered_method_is_tested():
+    assert sorted(STRATEGIES) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_through_the_same_trainer(name, tmp_path):
+    trainer, results = fit(name, tmp_path)
+    task_il = results["task_il"]
+    assert [len(row) for row in task_il["accuracy_matrix"]] == [1, 2, 3]
+    assert task_il["average_accuracy"] > 0.6  # the tasks are learnable; chance is 0.5
+    counts = results["parameters"]
+    assert counts["total"] == sum(p.numel() for p in trainer.model.parameters())
+    assert counts["total"] == counts["shared"] + sum(counts["per_task"].values())
+    assert set(counts["per_task"]) == {"task0", "task1", "task2"}
+
+
+def logits_of_first_task(trainer) -> torch.Tensor:
+    batch = next(iter(batch_loader(synthetic_tasks()[0].test, 64)))
+    trainer.model.eval()
+    with torch.no_grad():
+        return trainer.strategy.logits(model_inputs(batch), 0)
+
+
+def first_task_logits_after(name: str, tmp_path, **hyperparameters) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task 0's test logits right after task 0, and after tasks 1 and 2 trained."""
+    torch.manual_seed(0)
+    strategy = build_strategy(name, model_config(), **hyperparameters)
+    config = ContinualTrainingConfig(output_dir=str(tmp_path), epochs=3, batch_size=16, patience=3, cpu=True)
+    trainer = ContinualTrainer(strategy, config)
+    tasks = synthetic_tasks()
+    trainer.fit(tasks[:1])
+    before = logits_of_first_task(trainer)
+    trainer._tasks = tasks
+    for index in (1, 2):
+        trainer._train_task(index, tasks[index])
+    return before, logits_of_first_task(trainer)
+
+
+@pytest.mark.parametrize("name", ["dtgma", "packnet", "lora", "adapter"])
+def test_isolating_methods_leave_finished_tasks_bit_identical(name, tmp_path):
+    before, after = first_task_logits_after(name, tmp_path)
+    assert torch.equal(before, after)
+
+
+def test_hat_gates_protect_the_first_task(tmp_path):
+    before, after = first_task_logits_after("hat", tmp_path)
+    assert torch.allclose(before, after, atol=1e-4)
+    unprotected, changed = first_task_logits_after("finetune", tmp_path)
+    assert (unprotected - changed).abs().max() > 1e-2  # the same training does move an unprotected first task
+
+
+def test_hat_annealing_and_regulariser(tmp_path):
+    trainer, _ = fit("hat", tmp_path, epochs=2)
+    strategy = trainer.strategy
+    gates = strategy.gates(2, strategy.config.s_max)
+    assert all(((gate == 0) | (gate == 1) | ((gate > 0) & (gate < 1))).all() for gate in gates.values())
+    soft = strategy.gates(2, 1 / strategy.config.s_max)
+    assert all(((gate - 0.5).abs() < 0.02).all() for gate in soft.values())  # s = 1/s_max: every gate near 1/2
+    assert all(embedding.abs().max() <= strategy.config.embedding_clamp for embedding in strategy.embeddings[2].values())
+    # Units task 0 uses are closed to later tasks' updates: weight rows of its open units carry multiplier 0.
+    multipliers = strategy._weight_multipliers()
+    weight = strategy.network.layers[0].q.weight
+    used = strategy.previous["layers.0.q"] == 1.0
+    assert used.any() and (multipliers[weight][used] == 0).all()
+
+
+def test_packnet_gives_each_task_its_share_and_zeroes_the_rest(tmp_path):
+    trainer, _ = fit("packnet", tmp_path, epochs=2, retrain_epochs=1)
+    strategy = trainer.strategy
+    owner = strategy.owner["layers.0.fc1"]
+    shares = [(owner == task).float().mean().item() for task in range(3)]
+    assert shares == pytest.approx([1 / 3] * 3, abs=0.01)  # equal shares: 1/3, then 1/2 of the rest, then the rest
+    assert (owner >= 0).all()
+
+
+def test_packnet_pruning_sets_unkept_weights_to_zero(tmp_path):
+    torch.manual_seed(0)
+    strategy = build_strategy("packnet", model_config(), keep_fraction=0.25)
+    tasks = synthetic_tasks()
+    strategy.begin_task(0, tasks)
+    retrained = []
+    strategy.end_task(0, tasks, retrain=retrained.append)
+    weight, owner = strategy.weights["layers.1.fc2"], strategy.owner["layers.1.fc2"]
+    assert retrained == [strategy.config.retrain_epochs]
+    assert (owner == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert (weight[owner == -1] == 0).all() and weight[owner == 0].abs().min() >= weight[owner == -1].abs().max()
+
+
+def manual_importance(strategy, dataset, score) -> dict[str, torch.Tensor]:
+    """Importance from one backward pass per example (the definition), for comparison with the vmap version."""
+    network = strategy.network.eval()
+    totals = {name: torch.zeros_like(param) for name, param in network.encoder_parameters()}
+    for batch in batch_loader(dataset, 1):
+        network.zero_grad()
+        score(network(**model_inputs(batch), task_ids=0), batch["labels"]).backward()
+        for name, param in network.encoder_parameters():
+            totals[name] += param.grad**2 if strategy.name == "ewc" else param.grad.abs()
+    return {name: value / len(dataset) for name, value in totals.items()}
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+def test_importance_is_the_per_example_definition(name):
+    torch.manual_seed(0)
+    strategy = build_strategy(name, model_config())
+    tasks = synthetic_tasks()
+    strategy.begin_task(0, tasks)
+    data = tasks[0].validation.select(range(6))
+    fast = strategy.task_importance(data, 0, batch_size=4)
+
+    def score(logits, labels):
+        return F.cross_entropy(logits, labels) if name == "ewc" else (logits**2).sum()
+
+    slow = manual_importance(strategy, data, score)
+    for param_name, value in slow.items():
+        assert torch.allclose(fast[param_name], value, rtol=1e-4, atol=1e-9), param_name
+
+
+def test_ewc_penalty_anchors_the_encoder(tmp_path):
+    trainer, _ = fit("ewc", tmp_path, epochs=2, penalty=10.0, decay=0.5)
+    strategy = trainer.strategy
+    assert strategy.penalty().item() == 0.0  # at the anchor
+    weight = strategy.network.layers[0].fc1.weight
+    with torch.no_grad():
+        weight += 0.1
+    expected = (strategy.importance["layers.0.fc1.weight"] * 0.01).sum()
+    assert strategy.penalty().item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_lwf_distils_from_the_model_before_the_task():
+    torch.manual_seed(0)
+    strategy = build_strategy("lwf", model_config())
+    tasks = synthetic_tasks()
+    strategy.begin_task(0, tasks)
+    strategy.end_task(0, tasks, retrain=None)
+    strategy.begin_task(1, tasks)
+    batch = next(iter(batch_loader(tasks[1].train, 8)))
+    plain = F.cross_entropy(strategy.network(**model_inputs(batch), task_ids=1), batch["labels"])
+    assert strategy.training_loss(None, batch, 1, 0.0).item() == pytest.approx(plain.item(), abs=1e-6)  # same model
+    with torch.no_grad():
+        strategy.network.layers[0].fc2.weight.add_(torch.randn_like(strategy.network.layers[0].fc2.weight))
+    moved = F.cross_entropy(strategy.network(**model_inputs(batch), task_ids=1), batch["labels"])
+    assert strategy.training_loss(None, batch, 1, 0.0).item() > moved.item()  # the old head now disagrees
+    assert strategy.network.heads[0].classifier.weight.requires_grad  # old heads train on the distillation term
+
+
+def test_derpp_reservoir_keeps_a_uniform_sample_of_the_stream():
+    torch.manual_seed(0)
+    strategy = build_strategy("derpp", model_config(), buffer_size=20)
+    tasks = synthetic_tasks()
+    for index in range(3):
+        strategy.begin_task(index, tasks)
+        for batch in batch_loader(tasks[index].train, 8):
+            strategy.training_loss(None, batch, index, 0.0)
+    assert len(strategy.buffer) == 20 and strategy.seen == 3 * 64
+    assert {example.task for example in strategy.buffer} == {0, 1, 2}
+    stored = strategy.buffer[0]
+    assert stored.inputs.dim() == 2 and stored.logits.shape == (2,)
+
+
+def test_derpp_stores_the_logits_it_saw():
+    torch.manual_seed(0)
+    strategy = build_strategy("derpp", model_config(), buffer_size=100)
+    tasks = synthetic_tasks()
+    strategy.begin_task(0, tasks)
+    strategy.network.eval()
+    batch = next(iter(batch_loader(tasks[0].train, 8)))
+    strategy.training_loss(None, batch, 0, 0.0)
+    expected = strategy.network(**model_inputs(batch), task_ids=0)
+    assert torch.allclose(torch.stack([example.logits for example in strategy.buffer]), expected, atol=1e-6)
+
+
+def test_joint_trains_on_every_task_so_far():
+    tasks = synthetic_tasks()
+    union = with_task_ids(tasks, 1)
+    assert len(union) == len(tasks[0].train) + len(tasks[1].train)
+    assert sorted(set(union["task_id"])) == [0, 1]
+    strategy = build_strategy("joint", model_config())
+    assert strategy.validation_tasks(2) == [0, 1, 2]
+    batches = list(batch_loader(union, 16))
+    assert torch.cat([batch["task_ids"] for batch in batches]).tolist() == union["task_id"]
+
+
+def test_update_mask_freezes_entries_under_adamw_with_weight_decay():
+    weight = torch.nn.Parameter(torch.ones(2, 3))
+    mask = UpdateMask()
+    multiplier = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 0.0]])
+    mask.set({weight: multiplier})
+    optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        (weight**2).sum().backward()
+        mask.before_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        mask.after_step()
+    assert (weight[multiplier == 0] == 1.0).all()
+    assert (weight[multiplier > 0] < 1.0).all()
+
+
+def test_unknown_strategy_or_hyperparameter_is_a_clear_error():
+    with pytest.raises(ValueError, match="Known strategies: .*ewc"):
+        build_strategy("ewcc", model_config())
+    with pytest.raises(ValueError, match="no hyperparameter 'lambda'.*penalty"):
+        build_strategy("ewc", model_config(), **{"lambda": 1.0})
+
+
+def test_baselines_cannot_resume(tmp_path):
+    strategy = build_strategy("finetune", model_config())
+    trainer = ContinualTrainer(strategy, ContinualTrainingConfig(output_dir=str(tmp_path), cpu=True))
+    with pytest.raises(ValueError, match="cannot resume"):
+        trainer.fit(synthetic_tasks(), resume=True)
+
+
+def test_dtgma_full_has_more_parameters_per_task_than_dtgma():
+    config = model_config()
+    tasks = synthetic_tasks()
+    counts = {}
+    for name in ("dtgma", "dtgma_full"):
+        strategy = build_strategy(name, copy.deepcopy(config))
+        strategy.begin_task(0, tasks)
+        counts[name] = strategy.parameter_counts(["task0"])["per_task"]["task0"]
+    assert counts["dtgma"] < counts["dtgma_full"]
