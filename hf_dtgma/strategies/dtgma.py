@@ -29,9 +29,8 @@ class DTGMAStrategy(ContinualStrategy):
     task_param_mode: ClassVar[str | None] = None  # None: as the config says
 
     def __init__(self, model: DTGMAModel | DTGMAConfig, config: NoHyperparameters | None = None):
-        if isinstance(model, DTGMAConfig):
-            settings = model.to_dict()
-            settings["task_param_mode"] = self.task_param_mode or settings["task_param_mode"]
+        if isinstance(model, DTGMAConfig):  # a copy: the model records its tasks in its config
+            settings = {**model.to_dict(), "task_param_mode": self.task_param_mode or model.task_param_mode}
             model = DTGMAModel(DTGMAConfig.from_dict(settings))
         elif self.task_param_mode not in (None, model.config.task_param_mode):
             raise ValueError(f"{self.name} needs a model with task_param_mode={self.task_param_mode!r}.")

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from ..configuration_dtgma import DTGMAConfig
-from ..modeling_dtgma import DTGMAModel
+from ..strategies import build_strategy
 from .reporting import write_run_outputs
 from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
 
@@ -77,13 +77,15 @@ def train_continually(
     tasks: list[ContinualTask],
     accelerator: Accelerator,
     evaluation_split: str | None = None,
+    method: str = "dtgma",
+    hyperparameters: dict[str, Any] | None = None,
 ) -> tuple[ContinualTrainer, dict]:
-    """Build a DTG-MA model from `config` (shared weights seeded by `--seed`) and train it on `tasks` in order,
-    measuring the accuracy matrix on `evaluation_split` (default: `--evaluate-on`). Returns the trainer (its
-    `.model`) and the results."""
+    """Build `method` (DTG-MA by default, or any registered strategy) on a model of `config`'s shape, its weights
+    seeded by `--seed`, and train it on `tasks` in order, measuring the accuracy matrix on `evaluation_split`
+    (default: `--evaluate-on`). Returns the trainer (its `.model`, `.strategy`) and the results."""
     torch.manual_seed(args.seed)  # the shared weights' initialisation
     trainer = ContinualTrainer(
-        DTGMAModel(config),
+        build_strategy(method, config, **(hyperparameters or {})),
         ContinualTrainingConfig(
             output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
             weight_decay=args.weight_decay, patience=args.patience, seed=args.seed, log_with=args.log_with,

@@ -1,0 +1,248 @@
+"""Compare continual-learning methods on one benchmark, in one harness: the comparison table of the field.
+
+    python scripts/compare.py --benchmark clinc150 --data-dir ../shared/data/clinc150 --seeds 0,1,2
+    python scripts/compare.py --benchmark split_fashion_mnist --data-dir ../shared/data/fashion_mnist \\
+        --methods dtgma,finetune,ewc,hat --seeds 0,1,2
+
+Every method (`hf_dtgma.strategies`) runs through the same `ContinualTrainer` on the same data: the same frozen
+backbone features (text, computed once and cached) or pixels (images), the same batch size, learning rate, epochs,
+early stopping on the validation split and per-task heads, with the same seeds. Writes to --output-dir:
+
+    comparison.json / comparison.md   one row per method: average accuracy, forgetting, BWT (mean ± std over seeds),
+                                      parameters (total, per task) and wall time
+    first_task_accuracy.png           accuracy on the first task as tasks are added
+    <method>/seed_<s>/results.json    each run; a run whose results exist with the same settings is not run again
+
+Text benchmarks take every data, backbone, model and training flag of scripts/text_domains.py, image benchmarks
+those of scripts/vision_splits.py (pass them after the flags below, e.g. `--batch-size 32 --order 2`); methods'
+own hyperparameters default to the values chosen on validation splits (`CHOSEN_HYPERPARAMETERS`, README) and are
+overridden with --hparams '{"ewc": {"penalty": 1000}}'. A list of settings is a grid, one row each: tune with
+
+    python scripts/compare.py --benchmark clinc150 --data-dir ../shared/data/clinc150 --evaluate-on validation \
+        --num-tasks 3 --seeds 0 --methods ewc --hparams '{"ewc": [{"penalty": 100}, {"penalty": 1000}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from text_domains import BENCHMARKS as TEXT_BENCHMARKS
+from text_domains import build_parser as text_parser
+from text_domains import complete_args as complete_text_args
+from text_domains import prepare as prepare_text
+from vision_splits import build_parser as vision_parser
+from vision_splits import complete_args as complete_vision_args
+from vision_splits import load_benchmark as load_images
+
+from hf_dtgma.data.vision import VISION_BENCHMARKS
+from hf_dtgma.files import write_json_atomic, write_text_atomic
+from hf_dtgma.modeling_dtgma import atomic_path
+from hf_dtgma.strategies import STRATEGIES
+from hf_dtgma.training.cli import make_run_accelerator, model_config, train_continually
+
+# Methods' hyperparameters chosen on validation splits (first three tasks, seed 0; grids in the README). Methods and
+# benchmarks not listed use the dataclass defaults of their strategy.
+CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {}
+
+DEFAULT_METHODS = [
+    "joint", "finetune", "ewc", "mas", "lwf", "derpp", "hat", "packnet", "lora", "adapter", "dtgma_full", "dtgma",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", choices=TEXT_BENCHMARKS + VISION_BENCHMARKS, default="clinc150")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of: {', '.join(sorted(STRATEGIES))}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
+    parser.add_argument("--data-dir", default=None, help="local copy of the benchmark's data (default: the Hub)")
+    parser.add_argument("--epochs", type=int, default=None, help="most epochs per task (default: the benchmark script's)")
+    parser.add_argument("--output-dir", default=None, help="default: outputs/compare/<benchmark>")
+    parser.add_argument(
+        "--hparams", default="{}",
+        help='JSON: per method, its hyperparameters or a list of settings to try, e.g. {"ewc": [{"penalty": 100}, {"penalty": 1000}]}',
+    )
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """This script's arguments, and the benchmark script's (every flag not known here goes to it)."""
+    args, rest = build_parser().parse_known_args(argv)
+    args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in args.methods if name not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"Unknown method(s) {unknown}; known: {', '.join(sorted(STRATEGIES))}.")
+    args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    args.hparams = json.loads(args.hparams)
+    if not isinstance(args.hparams, dict) or not all(isinstance(value, (dict, list)) for value in args.hparams.values()):
+        raise SystemExit('--hparams must be a JSON object: per method, an object or a list of objects, e.g. {"ewc": {"penalty": 1000}}.')
+    args.output_dir = Path(args.output_dir or f"outputs/compare/{args.benchmark}")
+    vision = args.benchmark in VISION_BENCHMARKS
+    forwarded = ["--benchmark", args.benchmark, *rest]
+    forwarded += ["--data-dir", args.data_dir] if args.data_dir else []
+    forwarded += ["--epochs", str(args.epochs)] if args.epochs else []
+    run_args = (vision_parser() if vision else text_parser()).parse_args(forwarded)
+    run_args = complete_vision_args(run_args) if vision else complete_text_args(run_args)
+    return args, run_args
+
+
+def load(args: argparse.Namespace, run_args: argparse.Namespace, accelerator):
+    """The benchmark's tasks (text: with cached backbone features), the model config every method shares, and a
+    description of the input path."""
+    if args.benchmark in VISION_BENCHMARKS:
+        tasks = load_images(run_args)
+        channels, image_size, _ = tasks[0].train.features["pixel_values"].shape
+        config = model_config(
+            run_args, input_dim=run_args.embed_dim, image_size=image_size, patch_size=run_args.patch_size,
+            num_channels=channels, patch_embedder=run_args.patch_embedder,
+        )
+        return tasks, config, {"name": f"patch embedder ({run_args.patch_size}x{run_args.patch_size} patches)"}
+    backbone, fallback_reason, tasks = prepare_text(run_args, accelerator)
+    config = model_config(run_args, input_dim=backbone.hidden_size, backbone=backbone.identity)
+    return tasks, config, {**backbone.identity, "fallback_reason": fallback_reason}
+
+
+def variants(args, method: str) -> list[tuple[str, dict]]:
+    """(row label, hyperparameters) of each setting of `method` to run: the chosen one, or each of a --hparams grid."""
+    chosen = CHOSEN_HYPERPARAMETERS.get(args.benchmark, {}).get(method, {})
+    given = args.hparams.get(method, {})
+    if isinstance(given, dict):
+        return [(method, {**chosen, **given})]
+    return [(f"{method} " + ", ".join(f"{k}={v}" for k, v in setting.items()), {**chosen, **setting}) for setting in given]
+
+
+def run_settings(args, run_args, method: str, seed: int, hyperparameters: dict) -> dict:
+    """What determines a run's result: a cached run is reused only when these match."""
+    training = {name: getattr(run_args, name) for name in ("epochs", "patience", "batch_size", "lr", "weight_decay", "evaluate_on")}
+    model = {name: getattr(run_args, name) for name in ("hidden_size", "num_layers", "num_heads", "task_rank", "num_task_tokens")}
+    data = {name: getattr(run_args, name, None) for name in ("data_dir", "num_tasks", "split_seed", "order", "train_per_task", "layer")}
+    return {
+        "benchmark": args.benchmark, "method": method, "seed": seed, "training": training, "model": model, "data": data,
+        "hyperparameters": hyperparameters,
+    }
+
+
+def run_one(args, run_args, tasks, config, accelerator, label: str, method: str, hyperparameters: dict, seed: int) -> dict:
+    """One method setting, one seed: reuse its results.json when the settings match, else train and write it."""
+    folder = args.output_dir / label.replace(" ", "_").replace(",", "").replace("=", "-") / f"seed_{seed}"
+    settings = run_settings(args, run_args, method, seed, hyperparameters)
+    existing = folder / "results.json"
+    if existing.is_file():
+        results = json.loads(existing.read_text())
+        if results.get("settings") == settings:
+            print(f"{label} seed {seed}: reusing {existing}")
+            return results
+    run_args.seed, run_args.output_dir, run_args.resume = seed, str(folder), False
+    started = time.perf_counter()
+    _, results = train_continually(run_args, config, tasks, accelerator, method=method, hyperparameters=hyperparameters)
+    results.update(settings=settings, seconds_total=time.perf_counter() - started)
+    write_json_atomic(existing, results)
+    task_il = results["task_il"]
+    print(
+        f"{label} seed {seed}: average accuracy {100 * task_il['average_accuracy']:.2f}%, forgetting "
+        f"{100 * task_il['average_forgetting']:.2f}, {results['seconds_total']:.0f} s"
+    )
+    return results
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize_method(runs: list[dict]) -> dict:
+    """Mean ± std over seeds of a method's metrics; parameters and the first task's accuracy curve."""
+    task_il = [run["task_il"] for run in runs]
+    parameters = runs[0]["parameters"]
+    curves = [[row[0] for row in t["accuracy_matrix"]] for t in task_il]
+    return {
+        "seeds": [run["settings"]["seed"] for run in runs],
+        "hyperparameters": runs[0]["settings"]["hyperparameters"],
+        "average_accuracy": _mean_std([t["average_accuracy"] for t in task_il]),
+        "average_forgetting": _mean_std([t["average_forgetting"] for t in task_il]),
+        "bwt": _mean_std([t["bwt"] for t in task_il]),
+        "parameters_total": parameters["total"],
+        "parameters_per_task": statistics.fmean(parameters["per_task"].values()),
+        "seconds": statistics.fmean(run["seconds_total"] for run in runs),
+        "first_task_accuracy": [statistics.fmean(values) for values in zip(*curves)],
+    }
+
+
+def comparison_markdown(summary: dict) -> str:
+    def pm(value: dict, scale: float = 100.0) -> str:
+        return f"{scale * value['mean']:.2f} ± {scale * value['std']:.2f}"
+
+    lines = [
+        f"# {summary['benchmark']}: continual-learning methods compared",
+        "",
+        f"Task-incremental {summary['evaluate_on']} accuracy, mean ± std over seeds {summary['seeds']}; input: "
+        f"{summary['input']['name']}. Same trainer, batch size, learning rate, epochs and early stopping for every "
+        "method.",
+        "",
+        "| method | average accuracy (%) | forgetting | BWT | parameters (total) | parameters per task | time per run (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, row in summary["methods"].items():
+        lines.append(
+            f"| {method} | {pm(row['average_accuracy'])} | {pm(row['average_forgetting'])} | {pm(row['bwt'])} | "
+            f"{row['parameters_total']:,} | {row['parameters_per_task']:,.0f} | {row['seconds']:.0f} |"
+        )
+    lines += ["", "Hyperparameters: " + "; ".join(f"{m} {r['hyperparameters'] or 'defaults'}" for m, r in summary["methods"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_first_task(summary: dict, path: Path) -> None:
+    """Accuracy on the first task after each task is added, one line per method (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, row in summary["methods"].items():
+        curve = [100 * value for value in row["first_task_accuracy"]]
+        axis.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=method)
+    axis.set_xlabel("tasks learned")
+    axis.set_ylabel(f"accuracy on task 1 (%, {summary['evaluate_on']})")
+    axis.set_title(f"{summary['benchmark']}: accuracy on the first task as tasks are added")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, run_args = parse_arguments(argv)
+    accelerator = make_run_accelerator(run_args)
+    tasks, config, input_description = load(args, run_args, accelerator)
+    methods = {}
+    for method in args.methods:
+        for label, hyperparameters in variants(args, method):
+            runs = [
+                run_one(args, run_args, tasks, config, accelerator, label, method, hyperparameters, seed)
+                for seed in args.seeds
+            ]
+            methods[label] = summarize_method(runs)
+    summary = {
+        "benchmark": args.benchmark,
+        "seeds": args.seeds,
+        "evaluate_on": run_args.evaluate_on,
+        "input": input_description,
+        "tasks": [task.name for task in tasks],
+        "command": " ".join(["python", "scripts/compare.py", *(argv if argv is not None else sys.argv[1:])]),
+        "methods": methods,
+    }
+    write_json_atomic(args.output_dir / "comparison.json", summary)
+    write_text_atomic(args.output_dir / "comparison.md", comparison_markdown(summary))
+    plot_first_task(summary, args.output_dir / "first_task_accuracy.png")
+    print(comparison_markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""scripts/compare.py end to end on a tiny Split Fashion-MNIST made here: every method through one harness, one table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from test_vision import class_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
+    labels = np.repeat(np.arange(10), 12)
+    np.savez(
+        tmp_path / "fashion_mnist.npz",
+        x_train=class_images(labels, (28, 28)), y_train=labels,
+        x_test=class_images(np.repeat(np.arange(10), 3), (28, 28), seed=1), y_test=np.repeat(np.arange(10), 3),
+    )
+    command = [
+        sys.executable, str(ROOT / "scripts" / "compare.py"), "--benchmark", "split_fashion_mnist",
+        "--data-dir", str(tmp_path), "--methods", "finetune,ewc,dtgma", "--seeds", "0,1", "--epochs", "2",
+        "--output-dir", str(tmp_path / "out"), "--hparams", '{"ewc": {"penalty": 5.0}}',
+        "--num-tasks", "2", "--embed-dim", "16", "--hidden-size", "16", "--num-heads", "2", "--cpu",
+    ]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert list(summary["methods"]) == ["finetune", "ewc", "dtgma"] and summary["seeds"] == [0, 1]
+    for method, row in summary["methods"].items():
+        runs = [json.loads((tmp_path / "out" / method / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
+        accuracies = [run["task_il"]["average_accuracy"] for run in runs]
+        assert row["average_accuracy"]["mean"] == np.mean(accuracies)
+        assert row["average_accuracy"]["std"] == np.std(accuracies, ddof=1)
+        assert len(row["first_task_accuracy"]) == 2
+        assert runs[0]["settings"]["training"]["epochs"] == 2
+    assert summary["methods"]["ewc"]["hyperparameters"] == {"penalty": 5.0}
+    assert summary["methods"]["dtgma"]["average_forgetting"]["mean"] == 0.0
+    assert summary["methods"]["dtgma"]["parameters_per_task"] > summary["methods"]["finetune"]["parameters_per_task"]
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| ewc |" in markdown and "± " in markdown
+    assert (tmp_path / "out" / "first_task_accuracy.png").stat().st_size > 1000
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 6  # same settings: nothing retrained
+    changed = subprocess.run(command[:-1] + ["--cpu", "--methods", "ewc", "--seeds", "0", "--hparams", '{"ewc": {"penalty": 6.0}}'],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0 and "reusing" not in changed.stdout  # another penalty is another run
