@@ -47,7 +47,15 @@ from hf_dtgma.training.cli import make_run_accelerator, model_config, train_cont
 
 # Methods' hyperparameters chosen on validation splits (first three tasks, seed 0; grids in the README). Methods and
 # benchmarks not listed use the dataclass defaults of their strategy.
-CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {}
+CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {
+    "clinc150": {
+        "ewc": {"penalty": 10000.0},
+        "mas": {"penalty": 10.0},
+        "lwf": {"distillation": 16.0},
+        "hat": {"regularization": 0.75},
+        "derpp": {"alpha": 0.5, "beta": 1.0},
+    },
+}
 
 DEFAULT_METHODS = [
     "joint", "finetune", "ewc", "mas", "lwf", "derpp", "hat", "packnet", "lora", "adapter", "dtgma_full", "dtgma",

@@ -8,18 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from test_vision import class_images
+from test_vision import write_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
-    labels = np.repeat(np.arange(10), 12)
-    np.savez(
-        tmp_path / "fashion_mnist.npz",
-        x_train=class_images(labels, (28, 28)), y_train=labels,
-        x_test=class_images(np.repeat(np.arange(10), 3), (28, 28), seed=1), y_test=np.repeat(np.arange(10), 3),
-    )
+    write_fashion_mnist(tmp_path)
     command = [
         sys.executable, str(ROOT / "scripts" / "compare.py"), "--benchmark", "split_fashion_mnist",
         "--data-dir", str(tmp_path), "--methods", "finetune,ewc,dtgma", "--seeds", "0,1", "--epochs", "2",

@@ -287,13 +287,18 @@ def test_train_transform_applies_to_training_batches_only(tmp_path):
     assert seen == [4, 4, 2, 4, 4, 2]  # 2 epochs of 10 training rows; never the validation or test rows
 
 
-def test_vision_script_runs_end_to_end(tmp_path):
+def write_fashion_mnist(folder: Path) -> None:
+    """A tiny `fashion_mnist.npz`: 12 training and 3 test images per class."""
     labels = np.repeat(np.arange(10), 12)
     np.savez(
-        tmp_path / "fashion_mnist.npz",
+        folder / "fashion_mnist.npz",
         x_train=class_images(labels, (28, 28)), y_train=labels,
         x_test=class_images(np.repeat(np.arange(10), 3), (28, 28), seed=1), y_test=np.repeat(np.arange(10), 3),
     )
+
+
+def test_vision_script_runs_end_to_end(tmp_path):
+    write_fashion_mnist(tmp_path)
     command = [
         sys.executable, str(ROOT / "scripts" / "vision_splits.py"), "--benchmark", "split_fashion_mnist",
         "--data-dir", str(tmp_path), "--num-tasks", "2", "--embed-dim", "16", "--hidden-size", "16", "--num-heads", "2",

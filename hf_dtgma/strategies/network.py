@@ -12,32 +12,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from ..configuration_dtgma import DTGMAConfig
-from ..modeling_dtgma import DTGMATaskHead, PatchEmbedder
+from ..modeling_dtgma import DTGMALayer, DTGMATaskHead, PatchEmbedder
 
 PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
-class EncoderLayer(nn.Module):
-    """Pre-norm multi-head self-attention (padding masked) + feed-forward, as a `DTGMALayer` without task tokens."""
-
-    def __init__(self, config: DTGMAConfig):
-        super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_heads
-        self.attention_dropout = config.attention_dropout
-        self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
-        self.o = nn.Linear(hidden, hidden)
-        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(hidden, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, hidden)
-        self.act = ACT2FN[config.hidden_act]
-        self.dropout = nn.Dropout(config.hidden_dropout)
+class EncoderLayer(DTGMALayer):
+    """`DTGMALayer`'s modules (pre-norm multi-head self-attention + feed-forward) over input tokens only: no task
+    tokens, no task-graph mask, only padding masked."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`x (B, N, D)`, additive padding mask `(B, 1, 1, N)` → `(B, N, D)`."""
