@@ -24,14 +24,13 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets import Dataset
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..batches import batch_loader
 from ..files import write_json_atomic
 from ..modeling_dtgma import DTGMAModel
-from ..strategies.base import ContinualStrategy
+from ..strategies.base import ContinualStrategy, model_inputs
 from ..strategies.dtgma import DTGMAStrategy
 from .metrics import summarize
 
@@ -232,7 +231,7 @@ class ContinualTrainer:
         optimizer = torch.optim.AdamW(strategy.parameter_groups(config.weight_decay), lr=config.learning_rate)
         generator = torch.Generator().manual_seed(config.seed + index)
         train_data = strategy.train_dataset(index, self._tasks)
-        train_loader = self._loader(
+        train_loader = batch_loader(
             train_data, config.batch_size, shuffle=True, generator=generator, transform=task.train_transform
         )
         steps = num_epochs * math.ceil(len(train_data) / config.batch_size)
@@ -282,11 +281,6 @@ class ContinualTrainer:
         accelerator.free_memory()
         return best[0], epochs
 
-    def _loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None, transform: Callable | None = None
-    ) -> DataLoader:
-        return batch_loader(dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform)
-
     def _validate(self, index: int) -> tuple[float, float]:
         """Mean validation accuracy and loss over the tasks the strategy early-stops task `index` on."""
         scores = [self._evaluate(j, self._tasks[j].validation) for j in self.strategy.validation_tasks(index)]
@@ -297,13 +291,12 @@ class ContinualTrainer:
         """Task-incremental accuracy and mean cross-entropy of task `task_index` on `dataset`, identical for any
         number of processes (`gather_for_metrics` drops the samples Accelerate repeats to even out the shards)."""
         accelerator = self.accelerator
-        loader = accelerator.prepare_data_loader(self._loader(dataset, self.config.eval_batch_size))
+        loader = accelerator.prepare_data_loader(batch_loader(dataset, self.config.eval_batch_size))
         self.model.eval()
         correct, loss, total = 0, 0.0, 0
         for batch in loader:
-            inputs = {name: value for name, value in batch.items() if name not in ("labels", "task_ids")}
             with accelerator.autocast():
-                logits = self.strategy.logits(inputs, task_index)
+                logits = self.strategy.logits(model_inputs(batch), task_index)
             losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
             predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
             correct += (predictions == labels).sum().item()
