@@ -20,6 +20,7 @@ import torch
 from datasets import Array2D, Dataset, Features
 
 from .backbones import DeferredTextBackbone, TextBackbone
+from .errors import explain_out_of_memory
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("HF_DTGMA_CACHE", Path.home() / ".cache" / "hf_dtgma")) / "features"
 
@@ -67,24 +68,31 @@ def cache_features(
         real = mask.bool().cpu().numpy()
         return {"features": [np.ascontiguousarray(h[row]) for h, row in zip(hidden, real)]}
 
-    return dataset.map(
-        encode,
-        batched=True,
-        batch_size=batch_size,
-        features=features,
-        cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
-        new_fingerprint=fingerprint,
-        desc=f"Backbone features ({backbone.name})",
-    )
+    lower = f"the feature batch size (--feature-batch-size, now {batch_size}) or --max-length ({backbone.max_length})"
+    with explain_out_of_memory(f"computing backbone features with {backbone.name}", lower):
+        return dataset.map(
+            encode,
+            batched=True,
+            batch_size=batch_size,
+            features=features,
+            cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
+            new_fingerprint=fingerprint,
+            desc=f"Backbone features ({backbone.name})",
+        )
 
 
 def cache_task_features(
-    tasks: list, backbone: TextBackbone | DeferredTextBackbone, cache_dir: str | os.PathLike | None = None
+    tasks: list,
+    backbone: TextBackbone | DeferredTextBackbone,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
 ) -> None:
-    """Replace the train, validation and test splits of each `ContinualTask` by their cached-feature versions."""
+    """Replace the train, validation and test splits of each `ContinualTask` by their cached-feature versions
+    (`batch_size` texts per backbone call)."""
     for task in tasks:
         for split in ("train", "validation", "test"):
-            setattr(task, split, cache_features(getattr(task, split), backbone, cache_dir=cache_dir))
+            cached = cache_features(getattr(task, split), backbone, batch_size=batch_size, cache_dir=cache_dir)
+            setattr(task, split, cached)
 
 
 def pad_features(features: list[torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,10 +8,10 @@ Writes `parameters.json` and `parameters.md` to `--output-dir`.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
+from hf_dtgma.files import write_json_atomic, write_text_atomic
 
 # Full per-task Q, K, V, O (256×256 + bias each) and FFN (256→1024→256) in 2 layers: the DTG-MA reference code.
 REFERENCE_PER_TASK = 1_577_472
@@ -55,9 +55,8 @@ def main() -> None:
     rows = [count(mode, args) for mode in ("lowrank", "full")]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    (args.output_dir / "parameters.json").write_text(
-        json.dumps({"settings": settings, "reference_per_task": REFERENCE_PER_TASK, "rows": rows}, indent=2) + "\n"
-    )
+    payload = {"settings": settings, "reference_per_task": REFERENCE_PER_TASK, "rows": rows}
+    write_json_atomic(args.output_dir / "parameters.json", payload)
     total_key = f"total_after_{args.tasks}_tasks"
     lines = [
         f"| task_param_mode | shared | per task | total, 1 task | total, {args.tasks} tasks | per task vs reference |",
@@ -69,7 +68,7 @@ def main() -> None:
             f"| {row[total_key]:,} | {row['per_task_vs_reference']:.3f}× |"
         )
     table = "\n".join(lines)
-    (args.output_dir / "parameters.md").write_text(table + "\n")
+    write_text_atomic(args.output_dir / "parameters.md", table + "\n")
     print(table)
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.backbones import TextBackbone
+from hf_dtgma.files import write_json_atomic, write_text_atomic
 
 
 def encode_split(backbone: TextBackbone, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +114,8 @@ def main() -> None:
     results = [run(setting, tasks, args, backbone.hidden_size) for setting in ("first_task", "never")]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {key: str(value) for key, value in vars(args).items()}
-    (args.output_dir / "results.json").write_text(
-        json.dumps({"settings": settings, "encode_seconds": encode_seconds, "results": results}, indent=2) + "\n"
+    write_json_atomic(
+        args.output_dir / "results.json", {"settings": settings, "encode_seconds": encode_seconds, "results": results}
     )
     lines = ["| shared_training | avg val accuracy (10 CLINC150 domains) | avg forgetting |", "|---|---:|---:|"]
     for result in results:
@@ -122,7 +123,7 @@ def main() -> None:
             f"| {result['shared_training']} | {100 * result['average_val_accuracy']:.2f}% "
             f"| {100 * result['average_forgetting']:.2f} |"
         )
-    (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.output_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

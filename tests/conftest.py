@@ -1,3 +1,9 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +23,26 @@ def make_model(seed: int = 0, **overrides) -> DTGMAModel:
     config = dict(input_dim=INPUT_DIM, hidden_size=16, num_layers=2, num_heads=2, task_rank=4, hidden_dropout=0.0)
     config.update(overrides)
     return DTGMAModel(DTGMAConfig(**config))
+
+
+BLOCK_HF_DTGMA = """
+import sys
+sys.modules["hf_dtgma"] = None  # hf_dtgma is not importable in this process
+try:
+    import hf_dtgma
+    raise SystemExit("hf_dtgma should not be importable")
+except ImportError:
+    pass
+"""
+
+
+def run_without_hf_dtgma(code: str, workdir: Path) -> None:
+    """Run `code` in a fresh, offline Python process in `workdir` where `hf_dtgma` cannot be imported (a user with only
+    transformers installed; its remote-code modules go to `workdir/modules`), and fail the test if the process fails."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(workdir / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    script = BLOCK_HF_DTGMA + textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def make_features(batch: int = 5, tokens: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

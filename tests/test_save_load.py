@@ -2,15 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from conftest import make_features, make_model, train_steps
+from conftest import make_features, make_model, run_without_hf_dtgma, train_steps
 from hf_dtgma import DTGMAConfig, DTGMAModel
 
 
@@ -62,15 +59,8 @@ def test_trust_remote_code_without_hf_dtgma(trained, tmp_path):
     features, mask = make_features()
     torch.save({"features": features, "mask": mask}, tmp_path / "inputs.pt")
     expected = torch.stack(every_task_logits(model, features, mask))
-    script = textwrap.dedent(
+    run_without_hf_dtgma(
         f"""
-        import sys
-        sys.modules["hf_dtgma"] = None  # hf_dtgma is not importable in this process
-        try:
-            import hf_dtgma
-            raise SystemExit("hf_dtgma should not be importable")
-        except ImportError:
-            pass
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
@@ -79,11 +69,9 @@ def test_trust_remote_code_without_hf_dtgma(trained, tmp_path):
         logits = [model(inputs_embeds=inputs["features"], attention_mask=inputs["mask"], task_ids=t).logits
                   for t in range(len(model.tasks))]
         torch.save(torch.stack(logits), {str(tmp_path / "remote.pt")!r})
-        """
+        """,
+        tmp_path,
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "remote.pt", weights_only=True), expected)
 
 

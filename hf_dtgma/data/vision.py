@@ -8,7 +8,7 @@ Hugging Face Hub by id, or from a local folder (`data_dir`) in the layout of the
 |---|---|---|
 | Split MNIST, Permuted MNIST | `ylecun/mnist` | `t10k-images-idx3-ubyte(.gz)` + labels (and the `train-*` pair when present) |
 | Split Fashion-MNIST | `zalando-datasets/fashion_mnist` | `fashion_mnist.npz` (`x_train`, `y_train`, `x_test`, `y_test`) or the IDX files |
-| Split CIFAR-100 | `uoft-cs/cifar100` | `cifar-100-python/` (`train`, `test`, `meta` pickles) |
+| Split CIFAR-100 | `uoft-cs/cifar100` | `cifar-100-python/` (`train`, `test`, `meta` pickles, read with `_ArrayUnpickler`) |
 | Omniglot | none (no canonical Hub copy) | `images_background.npz` (`images` (chars, 20, 105, 105) bool, True = paper) or the unzipped `images_background/<alphabet>/<character>/*.png` |
 
 Where a local copy lacks a split (the offline MNIST is the 10,000-image test set only), the loader carves one with a
@@ -49,6 +49,35 @@ class ImageArrays:
 
 
 # ------------------------------------------------------------------------------------------------ readers
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads the pickles of the original `cifar-100-python` distribution, and nothing that can run code.
+
+    The data set is published only as Python pickles (dicts of lists, bytes and NumPy arrays). A pickle runs code
+    through the globals it names, so this unpickler allows exactly the NumPy functions that rebuild an array and
+    refuses every other global: a tampered file fails instead of executing. Model weights and checkpoints are never
+    pickles (safetensors and JSON only)."""
+
+    ALLOWED = {
+        (module, name)
+        for prefix in ("numpy.core", "numpy._core")
+        for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.numeric", "_frombuffer"))
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol-2 pickles
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"{module}.{name} is not allowed in a cifar-100-python file: only plain containers and NumPy arrays "
+                "are read (no code runs). Use the original files from the CIFAR site, or the Hub copy (no --data-dir)."
+            )
+        return super().find_class(module, name)
+
+
+def _read_array_pickle(path: Path) -> dict:
+    """A cifar-100-python pickle (`train`, `test` or `meta`) through `_ArrayUnpickler`."""
+    with open(path, "rb") as handle:
+        return _ArrayUnpickler(handle, encoding="bytes").load()
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -155,12 +184,10 @@ def read_cifar100(data_dir: str | Path | None) -> tuple[ImageArrays, ImageArrays
         if not (folder / name).is_file():
             raise FileNotFoundError(f"No {name!r} pickle in {folder}: expected the cifar-100-python layout.")
     for name in ("train", "test"):
-        with open(folder / name, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+        batch = _read_array_pickle(folder / name)
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         splits.append(ImageArrays(images, np.asarray(batch[b"fine_labels"], dtype=np.int64)))
-    with open(folder / "meta", "rb") as handle:
-        names = [name.decode() for name in pickle.load(handle, encoding="bytes")[b"fine_label_names"]]
+    names = [name.decode() for name in _read_array_pickle(folder / "meta")[b"fine_label_names"]]
     return splits[0], splits[1], names, "cifar-100-python train / test"
 
 

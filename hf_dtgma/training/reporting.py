@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..files import write_json_atomic, write_text_atomic
+from ..hub import render_model_card
 from ..modeling_dtgma import DTGMAModel, atomic_path
 
 
@@ -76,8 +77,9 @@ def plot_accuracy_matrix(matrix: list[list[float]], names: list[str], path: Path
 
 
 def write_run_outputs(model: DTGMAModel, results: dict, output_dir: str | os.PathLike) -> None:
-    """Write `results.json`, `results.md`, `accuracy_matrix.png`, the final model (`model/`) and one adapter folder per
-    task (`adapters/<task>/`) to `output_dir`."""
+    """Write `results.json`, `results.md`, `accuracy_matrix.png`, the final model with its model card (`model/`,
+    `model/README.md`: a folder ready for the Hub) and one adapter folder per task (`adapters/<task>/`) to
+    `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "results.json", results)
@@ -85,5 +87,6 @@ def write_run_outputs(model: DTGMAModel, results: dict, output_dir: str | os.Pat
     names = list(results["task_il"]["per_task"])
     plot_accuracy_matrix(results["task_il"]["accuracy_matrix"], names, output_dir / "accuracy_matrix.png", results.get("benchmark", ""))
     model.save_pretrained(output_dir / "model")
+    write_text_atomic(output_dir / "model" / "README.md", str(render_model_card(model, results)))
     for name in model.tasks:
         model.save_task(name, output_dir / "adapters" / name)

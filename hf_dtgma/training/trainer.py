@@ -5,11 +5,16 @@ task's parameters, and the shared ones only when the config says so), early-stop
 `end_task` (DTG-MA: `freeze_task`), evaluate every task seen so far on its test split (one row of the accuracy
 matrix), checkpoint (DTG-MA). A run is repeatable: task t's initialisation, shuffling and
 dropout draw from `seed + t`, so `--resume` after task t continues exactly as the uninterrupted run would.
+
+Reliability: `fit` checks every task before anything trains (`check_tasks`); a NaN or inf loss stops the task with a
+`TrainingDivergedError` before any of it is saved; out-of-memory errors name the setting to lower; a checkpoint is
+written under a hidden name and renamed, and whatever a killed write left behind is removed by the next `fit`. A run
+killed at any point resumes (`fit(resume=True)`) after its last finished task: the unfinished task restarts from its
+beginning with its own seed, so the results equal the uninterrupted run's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -19,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
@@ -28,7 +34,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..batches import batch_loader
-from ..files import write_json_atomic
+from ..errors import TrainingDivergedError, explain_out_of_memory
+from ..files import read_json, write_json_atomic
 from ..modeling_dtgma import DTGMAModel
 from ..strategies.base import ContinualStrategy, model_inputs
 from ..strategies.dtgma import DTGMAStrategy
@@ -36,6 +43,10 @@ from .metrics import summarize
 
 CHECKPOINT_POINTER = "latest_checkpoint.json"
 STATE_NAME = "trainer_state.json"
+SPLITS = ("train", "validation", "test")
+_DAMAGED_CHECKPOINT = (
+    "the checkpoint is damaged. Restore the folder, or start over without --resume (or with a new --output-dir)."
+)
 
 
 @dataclass
@@ -111,6 +122,55 @@ def make_accelerator(
     )
 
 
+def check_tasks(tasks: list[ContinualTask]) -> None:
+    """Refuse, before anything trains, a task list that would fail (or silently mislead) later in the run.
+
+    Checks: at least one task; distinct task names; each task's labels non-empty and distinct; every split non-empty,
+    with a `label` column and `features` or `pixel_values`; every label an index into the task's labels; the same kind
+    and width of inputs in every task (the first row of each split). Raises a `ValueError` naming the task, the split
+    and the fix. The values of the inputs (NaN, inf) are checked batch by batch as they are read (`batch_loader`).
+    """
+    if not tasks:
+        raise ValueError("`tasks` is empty: give at least one ContinualTask.")
+    names = [task.name for task in tasks]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Tasks {repeated} appear more than once in {names}: every task needs its own name.")
+    first_inputs: tuple[str, str, tuple[int, ...]] | None = None  # (where, column, shape without the token axis)
+    for task in tasks:
+        labels = DTGMAModel._check_labels(task.name, task.labels)
+        for split in SPLITS:
+            data, where = getattr(task, split), f"Task {task.name!r}, {split} split"
+            if len(data) == 0:
+                raise ValueError(
+                    f"{where}: no examples. Every task needs train, validation and test examples: add rows, or let "
+                    "the loader carve the missing split."
+                )
+            column = next((name for name in ("features", "pixel_values") if name in data.column_names), None)
+            if column is None or "label" not in data.column_names:
+                raise ValueError(
+                    f"{where}: needs a `label` column and `features` (compute them with "
+                    f"hf_dtgma.features.cache_task_features) or `pixel_values`; its columns are {data.column_names}."
+                )
+            values = np.asarray(data.with_format("numpy", columns=["label"])["label"])
+            outside = sorted(set(values[(values < 0) | (values >= len(labels))].tolist()))
+            if outside:
+                raise ValueError(
+                    f"{where}: labels {outside[:10]} are outside the task's label set: `label` must be an index "
+                    f"0..{len(labels) - 1} into {labels}."
+                )
+            shape = np.shape(data[0][column])
+            shape = shape[1:] if column == "features" else shape  # features: (tokens, width); images: (C, H, W)
+            if first_inputs is None:
+                first_inputs = (where, column, shape)
+            elif (column, shape) != first_inputs[1:]:
+                raise ValueError(
+                    f"{where}: `{column}` of shape {shape}, but {first_inputs[0]} has `{first_inputs[1]}` of shape "
+                    f"{first_inputs[2]} (per example, without the token axis): every task must come from the same "
+                    "backbone and layer, or the same image size and channels."
+                )
+
+
 @dataclass
 class _RunState:
     """What a checkpoint records besides the model: enough to resume after the last finished task."""
@@ -164,16 +224,19 @@ class ContinualTrainer:
     def fit(self, tasks: list[ContinualTask], resume: bool = False) -> dict:
         """Train `tasks` in order and return the results (metrics, validation accuracy, timings, parameters).
 
-        With `resume=True`, continue after the last finished task of the checkpoint in `output_dir`.
+        With `resume=True`, continue after the last finished task of the checkpoint in `output_dir` (a task that was
+        unfinished restarts from its beginning). Raises `ValueError` for bad tasks (`check_tasks`) or an unreadable
+        checkpoint, `TrainingDivergedError` when the loss becomes NaN or inf, `torch.OutOfMemoryError` naming the
+        batch size to lower.
         """
-        if not tasks:
-            raise ValueError("`tasks` is empty: give at least one ContinualTask.")
+        check_tasks(tasks)
         if resume and not self.strategy.supports_checkpoints:
             raise ValueError(f"The {self.strategy.name!r} strategy writes no checkpoints, so it cannot resume.")
         self._tasks = tasks
         state = self._resume(tasks) if resume else _RunState()
         if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:
             raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
+        self._remove_interrupted_writes()
         accelerator = self.accelerator
         if self.config.log_with:
             accelerator.init_trackers("hf_dtgma", config=asdict(self.config))
@@ -186,7 +249,8 @@ class ContinualTrainer:
             started = time.perf_counter()
             best_accuracy, epochs = self._train_task(index, task)
             trained = time.perf_counter()
-            row = [self._accuracy(j, getattr(tasks[j], self.config.evaluation_split)) for j in range(index + 1)]
+            split = self.config.evaluation_split
+            row = [self._accuracy(j, getattr(tasks[j], split), split) for j in range(index + 1)]
             state.finished_tasks.append(task.name)
             state.accuracy_matrix.append(row)
             state.validation_accuracy[task.name] = best_accuracy
@@ -232,7 +296,8 @@ class ContinualTrainer:
         generator = torch.Generator().manual_seed(config.seed + index)
         train_data = strategy.train_dataset(index, self._tasks)
         train_loader = batch_loader(
-            train_data, config.batch_size, shuffle=True, generator=generator, transform=task.train_transform
+            train_data, config.batch_size, shuffle=True, generator=generator, transform=task.train_transform,
+            name=f"task {task.name!r}'s training data",
         )
         steps = num_epochs * math.ceil(len(train_data) / config.batch_size)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
@@ -240,22 +305,32 @@ class ContinualTrainer:
 
         best, best_state, stale, epochs = (-1.0, float("-inf")), None, 0, 0
         epoch_bar = tqdm(range(num_epochs), desc=task.name, leave=False, disable=not accelerator.is_local_main_process)
+        batches_hint = f"--batch-size (now {config.batch_size}), or --max-length for shorter texts"
         for epoch in epoch_bar:
             wrapped.train()
             total_loss, batches, last = 0.0, 0, max(len(train_loader) - 1, 1)
-            for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=not accelerator.is_local_main_process):
-                loss = strategy.training_loss(wrapped, batch, index, progress=batches / last)
-                accelerator.backward(loss)
-                strategy.before_optimizer_step()
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                strategy.after_optimizer_step()
-                total_loss, batches = total_loss + loss.detach(), batches + 1
+            # The first step with a NaN / inf loss, kept on the device: no host sync per step.
+            first_bad_step = torch.tensor(-1, device=accelerator.device)
+            with explain_out_of_memory(f"training task {task.name!r}", batches_hint):
+                quiet = not accelerator.is_local_main_process
+                for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
+                    loss = strategy.training_loss(wrapped, batch, index, progress=batches / last)
+                    accelerator.backward(loss)
+                    strategy.before_optimizer_step()
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                    strategy.after_optimizer_step()
+                    bad = (first_bad_step < 0) & ~torch.isfinite(loss.detach())
+                    first_bad_step = torch.where(bad, batches, first_bad_step)
+                    total_loss, batches = total_loss + loss.detach(), batches + 1
             epochs = epoch + 1
+            self._check_diverged(index, epoch, accelerator.gather(first_bad_step[None]).tolist())
             accuracy, val_loss = self._validate(index)
+            if not math.isfinite(val_loss):  # weights poisoned by non-finite gradients behind a finite loss
+                self._check_diverged(index, epoch, [], f"the validation loss is {val_loss}")
             train_loss = (total_loss / max(batches, 1)).item()
             epoch_bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{accuracy:.4f}")
             if config.log_with:
@@ -281,31 +356,59 @@ class ContinualTrainer:
         accelerator.free_memory()
         return best[0], epochs
 
+    def _check_diverged(self, index: int, epoch: int, bad_steps: list[int], what: str | None = None) -> None:
+        """Raise `TrainingDivergedError` when any process saw a non-finite loss this epoch (`bad_steps`: each
+        process's first bad step, -1 for none), or `what` says what else diverged.
+
+        Checked at the end of every epoch, before validation can keep a poisoned epoch as the best. A task's
+        checkpoint is written only after the whole task finishes (`fit`), so stopping here leaves the last good
+        checkpoint exactly as it was: weights a bad step poisoned are never saved."""
+        steps = [step for step in bad_steps if step >= 0]
+        if not steps and what is None:
+            return
+        task, config = self._tasks[index], self.config
+        at = f", step {min(steps) + 1}" if steps else ""
+        precision = self.accelerator.mixed_precision
+        fixes = f"lower the learning rate (--lr, now {config.learning_rate:g})" + (
+            f" or train in full precision (--mixed-precision no, now {precision})" if precision != "no" else ""
+        )
+        checkpoint = self._latest_checkpoint() if self.strategy.supports_checkpoints else None
+        kept = f"; the last good checkpoint, {checkpoint}, is untouched (continue with --resume)" if checkpoint else ""
+        raise TrainingDivergedError(
+            f"Training diverged on task {task.name!r} (task {index + 1} of {len(self._tasks)}), epoch {epoch + 1}{at}: "
+            f"{what or 'the training loss became NaN or inf'}. To fix: {fixes}. Nothing of this task was saved{kept}."
+        )
+
     def _validate(self, index: int) -> tuple[float, float]:
         """Mean validation accuracy and loss over the tasks the strategy early-stops task `index` on."""
-        scores = [self._evaluate(j, self._tasks[j].validation) for j in self.strategy.validation_tasks(index)]
+        tasks = self.strategy.validation_tasks(index)
+        scores = [self._evaluate(j, self._tasks[j].validation, "validation") for j in tasks]
         return sum(a for a, _ in scores) / len(scores), sum(loss for _, loss in scores) / len(scores)
 
     @torch.no_grad()
-    def _evaluate(self, task_index: int, dataset: Dataset) -> tuple[float, float]:
-        """Task-incremental accuracy and mean cross-entropy of task `task_index` on `dataset`, identical for any
-        number of processes (`gather_for_metrics` drops the samples Accelerate repeats to even out the shards)."""
+    def _evaluate(self, task_index: int, dataset: Dataset, split: str = "evaluation") -> tuple[float, float]:
+        """Task-incremental accuracy and mean cross-entropy of task `task_index` on `dataset` (its `split`, for error
+        messages), identical for any number of processes (`gather_for_metrics` drops the samples Accelerate repeats
+        to even out the shards)."""
         accelerator = self.accelerator
-        loader = accelerator.prepare_data_loader(batch_loader(dataset, self.config.eval_batch_size))
+        name = f"task {self._tasks[task_index].name!r}'s {split} data"
+        loader = accelerator.prepare_data_loader(batch_loader(dataset, self.config.eval_batch_size, name=name))
         self.model.eval()
         correct, loss, total = 0, 0.0, 0
-        for batch in loader:
-            with accelerator.autocast():
-                logits = self.strategy.logits(model_inputs(batch), task_index)
-            losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
-            correct += (predictions == labels).sum().item()
-            loss += losses.sum().item()
-            total += labels.numel()
+        lower = f"the evaluation batch size (--eval-batch-size, now {self.config.eval_batch_size})"
+        with explain_out_of_memory(f"evaluating {name}", lower):
+            for batch in loader:
+                with accelerator.autocast():
+                    logits = self.strategy.logits(model_inputs(batch), task_index)
+                losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+                predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
+                correct += (predictions == labels).sum().item()
+                loss += losses.sum().item()
+                total += labels.numel()
         return correct / total, loss / total
 
-    def _accuracy(self, task_index: int, dataset: Dataset) -> float:
-        return self._evaluate(task_index, dataset)[0]
+    def _accuracy(self, task_index: int, dataset: Dataset, split: str = "evaluation") -> float:
+        return self._evaluate(task_index, dataset, split)[0]
 
     # ------------------------------------------------------------- checkpoints
 
@@ -318,7 +421,7 @@ class ContinualTrainer:
             name = f"checkpoint-{len(state.finished_tasks)}"
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.output_dir))
             self.model.save_pretrained(staging / "model")
-            (staging / STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
+            write_json_atomic(staging / STATE_NAME, asdict(state))
             final = self.output_dir / name
             if final.exists():
                 shutil.rmtree(final)
@@ -329,24 +432,51 @@ class ContinualTrainer:
                 shutil.rmtree(previous, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    def _remove_interrupted_writes(self) -> None:
+        """Delete what a killed write left in `output_dir`: hidden checkpoint staging folders (`.checkpoint-k.*`) and
+        hidden temporary files and folders (`.<name>.*.tmp`, from `atomic_path` and `save_pretrained`). None of them
+        is under a real name, and nothing else is touched."""
+        if not self.accelerator.is_main_process or not self.output_dir.is_dir():
+            return
+        leftovers = [*self.output_dir.glob(".checkpoint-*"), *self.output_dir.rglob(".*.tmp")]
+        for path in sorted(leftovers, key=lambda p: len(p.parts)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+
     def _latest_checkpoint(self) -> Path | None:
         pointer = self.output_dir / CHECKPOINT_POINTER
         if not pointer.is_file():
             return None
-        return self.output_dir / json.loads(pointer.read_text())["checkpoint"]
+        content = read_json(pointer, _DAMAGED_CHECKPOINT)
+        if not isinstance(content, dict) or not isinstance(content.get("checkpoint"), str):
+            raise ValueError(f"{pointer} does not name a checkpoint ({content!r}): {_DAMAGED_CHECKPOINT}")
+        return self.output_dir / content["checkpoint"]
 
     def _resume(self, tasks: list[ContinualTask]) -> _RunState:
+        """The state of the latest checkpoint, with its model loaded as the strategy; a missing, truncated or
+        corrupted checkpoint is a `ValueError` (nothing on disk changes)."""
         checkpoint = self._latest_checkpoint()
         if checkpoint is None:
             return _RunState()
-        state = _RunState(**json.loads((checkpoint / STATE_NAME).read_text()))
+        try:
+            state = _RunState(**read_json(checkpoint / STATE_NAME, _DAMAGED_CHECKPOINT))
+        except TypeError as error:  # fields of another version
+            raise ValueError(
+                f"{checkpoint / STATE_NAME} is not a trainer state ({error}): {_DAMAGED_CHECKPOINT}"
+            ) from error
         expected = [task.name for task in tasks[: len(state.finished_tasks)]]
         if state.finished_tasks != expected:
             raise ValueError(
                 f"The checkpoint in {self.output_dir} finished tasks {state.finished_tasks}, but this run's task order "
                 f"starts with {expected}: resume with the same benchmark and order, or use a new --output-dir."
             )
-        self.strategy = DTGMAStrategy(type(self.model).from_pretrained(checkpoint / "model").to(self.accelerator.device))
+        try:
+            model = type(self.model).from_pretrained(checkpoint / "model")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Cannot resume from {checkpoint}: {error} {_DAMAGED_CHECKPOINT}") from error
+        self.strategy = DTGMAStrategy(model.to(self.accelerator.device))
         return state
 
     # ------------------------------------------------------------------ results
