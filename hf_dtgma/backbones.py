@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,26 @@ from .modeling_dtgma import PatchEmbedder  # noqa: F401  (re-exported: images ar
 DEFAULT_TEXT_BACKBONE = "Qwen/Qwen2.5-1.5B"
 
 
-def text_backbone_identity(name: str, revision: str | None, layer: int) -> dict[str, Any]:
+def text_backbone_identity(name: str, revision: str | None, layer: int | list[int]) -> dict[str, Any]:
     """What identifies a text backbone's features: recorded in configs, adapters and feature fingerprints."""
     return {"type": "text", "name": name, "revision": revision, "layer": layer}
+
+
+def normalize_layers(layer: int | Sequence[int]) -> int | list[int]:
+    """One hidden-state index as an `int`, several as a list (their states are concatenated, in that order).
+
+    Example:
+        >>> normalize_layers(-1), normalize_layers((-1, -3)), normalize_layers([-2])
+        (-1, [-1, -3], -2)
+    """
+    layers = [int(layer)] if isinstance(layer, int) else [int(index) for index in layer]
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"`layer` must be one hidden-state index or several distinct ones, got {layer!r}.")
+    return layers[0] if len(layers) == 1 else layers
+
+
+def _feature_width(hidden_size: int, layer: int | list[int]) -> int:
+    return hidden_size * (1 if isinstance(layer, int) else len(layer))
 
 
 class TextBackbone(nn.Module):
@@ -39,7 +57,8 @@ class TextBackbone(nn.Module):
     Args:
         model: the text model (any `AutoModel`); it is put in eval mode and frozen.
         tokenizer: its tokenizer (needed for `encode`); a missing pad token is set to the EOS token.
-        layer: which hidden state to return: 0 is the embedding output, -1 the last layer.
+        layer: which hidden state to return: 0 is the embedding output, -1 the last layer. Several indices (e.g.
+            `[-1, -3]`) return those states concatenated along the feature axis, `D = len(layer) · hidden size`.
         max_length: texts are truncated to this many tokens by `encode`.
         name / revision: where the model came from, recorded in `identity`.
 
@@ -56,15 +75,17 @@ class TextBackbone(nn.Module):
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        layer: int = -1,
+        layer: int | Sequence[int] = -1,
         max_length: int = 128,
         name: str | None = None,
         revision: str | None = None,
     ):
         super().__init__()
+        layer = normalize_layers(layer)
         num_states = model.config.get_text_config().num_hidden_layers + 1
-        if not -num_states <= layer < num_states:
-            raise ValueError(f"`layer` must be in [{-num_states}, {num_states - 1}] for this model, got {layer}.")
+        for index in [layer] if isinstance(layer, int) else layer:
+            if not -num_states <= index < num_states:
+                raise ValueError(f"`layer` must be in [{-num_states}, {num_states - 1}] for this model, got {index}.")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         if tokenizer is not None and tokenizer.pad_token is None:
@@ -79,7 +100,7 @@ class TextBackbone(nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str = DEFAULT_TEXT_BACKBONE,
-        layer: int = -1,
+        layer: int | Sequence[int] = -1,
         max_length: int = 128,
         revision: str | None = None,
         dtype: str | torch.dtype = "auto",
@@ -89,10 +110,11 @@ class TextBackbone(nn.Module):
     ) -> TextBackbone:
         """Load model and tokenizer from the Hub or a local folder (`kwargs` go to both `from_pretrained` calls).
 
-        The tokenizer comes from `tokenizer_name_or_path` when given, else from `name_or_path`.
+        The tokenizer comes from `tokenizer_name_or_path` when given, else from `name_or_path`. The weights are read
+        from safetensors only: a backbone published only as a pickled `pytorch_model.bin` is refused (no pickle).
         """
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision, **kwargs)
-        model = AutoModel.from_pretrained(name_or_path, revision=revision, dtype=dtype, **kwargs)
+        model = AutoModel.from_pretrained(name_or_path, revision=revision, dtype=dtype, use_safetensors=True, **kwargs)
         if device is not None:
             model = model.to(device)
         return cls(model, tokenizer, layer=layer, max_length=max_length, name=name_or_path, revision=revision)
@@ -100,7 +122,7 @@ class TextBackbone(nn.Module):
     @property
     def hidden_size(self) -> int:
         """Width D of the returned features (the `input_dim` of a `DTGMAModel` on this backbone)."""
-        return self.model.config.get_text_config().hidden_size
+        return _feature_width(self.model.config.get_text_config().hidden_size, self.layer)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -110,7 +132,8 @@ class TextBackbone(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids `(B, N)` (any padding side) → hidden states `(B, N, D)` of `layer` and the mask `(B, N)`."""
+        """Token ids `(B, N)` (any padding side) → hidden states `(B, N, D)` of `layer` (several layers:
+        concatenated) and the mask `(B, N)`."""
         device = self.model.device
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -118,7 +141,9 @@ class TextBackbone(nn.Module):
         if self._takes_position_ids:
             extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
-        return outputs.hidden_states[self.layer], attention_mask
+        if isinstance(self.layer, int):
+            return outputs.hidden_states[self.layer], attention_mask
+        return torch.cat([outputs.hidden_states[index] for index in self.layer], dim=-1), attention_mask
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize `texts` (padded, truncated to `max_length`) and return `(features (B, N, D), mask (B, N))`."""
@@ -188,17 +213,21 @@ class DeferredTextBackbone:
     run whose features are all cached never loads the backbone's weights.
     """
 
-    def __init__(self, name_or_path: str, load_path: str | None = None, layer: int = -1, max_length: int = 128, **kwargs: Any):
+    def __init__(
+        self, name_or_path: str, load_path: str | None = None, layer: int | Sequence[int] = -1, max_length: int = 128,
+        **kwargs: Any,
+    ):
         from transformers import AutoConfig
 
         self.name = name_or_path
         self.load_path = load_path or name_or_path
-        self.layer = layer
+        self.layer = normalize_layers(layer)
         self.max_length = max_length
         self.revision = kwargs.get("revision")
         self._kwargs = kwargs
         self._backbone: TextBackbone | None = None
-        self.hidden_size = AutoConfig.from_pretrained(self.load_path, revision=self.revision).get_text_config().hidden_size
+        text_config = AutoConfig.from_pretrained(self.load_path, revision=self.revision).get_text_config()
+        self.hidden_size = _feature_width(text_config.hidden_size, self.layer)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -224,7 +253,7 @@ class DeferredTextBackbone:
 def open_text_backbone(
     name_or_path: str | None = None,
     revision: str | None = None,
-    layer: int = -1,
+    layer: int | Sequence[int] = -1,
     max_length: int = 128,
     **kwargs: Any,
 ) -> tuple[DeferredTextBackbone, str | None]:

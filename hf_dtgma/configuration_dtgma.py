@@ -14,6 +14,10 @@ from transformers import PreTrainedConfig
 TASK_PARAM_MODES = ("lowrank", "full")
 SHARED_TRAINING_MODES = ("first_task", "never")
 PATCH_EMBEDDER_MODES = ("shared", "per_task")
+HEAD_INPUTS = ("task_tokens", "task_tokens+inputs")
+# The layout of config.json and of the weights it describes. A config written by another format version is refused
+# (configs saved before the field existed are format 1); bump it whenever a saved model would load wrongly.
+CONFIG_FORMAT_VERSION = 1
 
 # The config fields that fix the shapes of a task's parameters. An adapter saved
 # from one model loads into another only when all of them agree.
@@ -29,6 +33,9 @@ ADAPTER_SHAPE_FIELDS = (
 )
 # And, for a model that reads images through its own patch embedder, these.
 IMAGE_SHAPE_FIELDS = ("image_size", "patch_size", "num_channels", "patch_embedder")
+# Fields that change what a task's parameters compute without changing their shapes, recorded (and checked) only
+# when they differ from the default, so adapters saved before a field existed keep their metadata and fingerprint.
+ADAPTER_BEHAVIOUR_DEFAULTS = {"head_input": "task_tokens"}
 
 
 class DTGMAConfig(PreTrainedConfig):
@@ -51,6 +58,12 @@ class DTGMAConfig(PreTrainedConfig):
             Width of the feed-forward block; `4 * hidden_size` when not given.
         num_task_tokens (`int`, defaults to 1):
             Learned tokens per task. The task's head reads their mean.
+        head_input (`str`, defaults to `"task_tokens"`):
+            What a task's head reads. `"task_tokens"`: the mean final state of the task's tokens. `"task_tokens+inputs"`:
+            that plus the masked mean of the final input-token states, a task-independent summary of the whole input
+            that the task tokens' attention read refines (input states pass through shared weights only, so this keeps
+            tasks isolated). On the 10 CLINC150 domains (validation, backbone layers -1 and -3) it measured 97.30%
+            against 96.90%.
         task_param_mode (`str`, defaults to `"lowrank"`):
             What a task owns inside the layers. `"lowrank"`: rank-`task_rank` deltas on the Q, K, V, O and feed-forward
             projections of its tokens. `"full"`: its own full Q, K, V, O and feed-forward weights (the reference
@@ -93,6 +106,9 @@ class DTGMAConfig(PreTrainedConfig):
         backbone (`dict`, *optional*):
             Identity of the frozen backbone the features come from (e.g. `{"name": "Qwen/Qwen2.5-1.5B", "layer": -1}`);
             recorded in every adapter so that features of another backbone are refused.
+        format_version (`int`, defaults to `CONFIG_FORMAT_VERSION`):
+            The saved-model format the config describes; a config of another format (e.g. saved by a newer
+            hf_dtgma) is refused with an error instead of loading into the wrong architecture.
 
     Example:
 
@@ -129,8 +145,18 @@ class DTGMAConfig(PreTrainedConfig):
         patch_size: int = 7,
         num_channels: int = 1,
         patch_embedder: str = "shared",
+        head_input: str = "task_tokens",
+        format_version: int = CONFIG_FORMAT_VERSION,
         **kwargs,
     ):
+        if format_version != CONFIG_FORMAT_VERSION:
+            newer = isinstance(format_version, int) and format_version > CONFIG_FORMAT_VERSION
+            raise ValueError(
+                f"DTGMAConfig: this config has format_version={format_version!r}, and this hf_dtgma reads format "
+                f"{CONFIG_FORMAT_VERSION} only{' (it was saved by a newer hf_dtgma)' if newer else ''}. Upgrade "
+                "hf_dtgma, or load the model with the code saved next to it: "
+                "AutoModel.from_pretrained(path, trust_remote_code=True)."
+            )
         for name, value in (
             ("input_dim", input_dim),
             ("hidden_size", hidden_size),
@@ -157,6 +183,8 @@ class DTGMAConfig(PreTrainedConfig):
             )
         if patch_embedder not in PATCH_EMBEDDER_MODES:
             raise ValueError(f"DTGMAConfig: `patch_embedder` must be one of {PATCH_EMBEDDER_MODES}, got {patch_embedder!r}.")
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(f"DTGMAConfig: `head_input` must be one of {HEAD_INPUTS}, got {head_input!r}.")
         if image_size is not None and image_size % patch_size != 0:
             raise ValueError(
                 f"DTGMAConfig: `patch_size` ({patch_size}) must divide `image_size` ({image_size}); e.g. 28 -> 4, 7 or 14."
@@ -182,10 +210,13 @@ class DTGMAConfig(PreTrainedConfig):
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.patch_embedder = patch_embedder
+        self.head_input = head_input
+        self.format_version = format_version
         super().__init__(**kwargs)
 
     def adapter_shape_config(self) -> dict[str, Any]:
         """The fields that fix the shapes of one task's parameters (`ADAPTER_SHAPE_FIELDS`, plus `IMAGE_SHAPE_FIELDS`
-        when the model reads images)."""
+        when the model reads images), and the `ADAPTER_BEHAVIOUR_DEFAULTS` fields set to another value."""
         fields = ADAPTER_SHAPE_FIELDS + (IMAGE_SHAPE_FIELDS if self.image_size is not None else ())
-        return {field: getattr(self, field) for field in fields}
+        behaviour = {field: getattr(self, field) for field, default in ADAPTER_BEHAVIOUR_DEFAULTS.items() if getattr(self, field) != default}
+        return {**{field: getattr(self, field) for field in fields}, **behaviour}

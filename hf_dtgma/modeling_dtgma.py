@@ -24,20 +24,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import huggingface_hub
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
+from transformers.utils import CONFIG_NAME, ModelOutput
 
 from .configuration_dtgma import DTGMAConfig
 
@@ -64,7 +70,8 @@ class DTGMAOutput(ModelOutput):
         loss: cross-entropy of `logits` against `labels` (only with `task_ids` and `labels`).
         logits: `(B, L_max)` with `task_ids` (row b scores task `task_ids[b]`'s labels), `(B, T, L_max)` without.
             `L_max` is the largest label count of the registered tasks; labels a task lacks are `-inf`.
-        task_states: `(B, D)` / `(B, T, D)`: the mean final state of each task's tokens (what its head reads).
+        task_states: `(B, D)` / `(B, T, D)`: what each task's head reads: the mean final state of the task's tokens
+            (plus the masked mean of the final input-token states with `config.head_input="task_tokens+inputs"`).
         hidden_states: with `output_hidden_states=True`, the `(B, S, D)` sequence `[task tokens; input tokens]`
             after the input projection and after every layer.
         attentions: with `output_attentions=True`, one `(B, heads, S, S)` tensor per layer over the same sequence.
@@ -112,6 +119,20 @@ def _by_group(tensors: list[torch.Tensor], task_ids: torch.Tensor | None) -> tor
     sums a task's per-row gradients in a thread-dependent order on CPU, so training would not be repeatable."""
     stacked = torch.stack(tensors)
     return stacked[None] if task_ids is None else stacked.index_select(0, task_ids)[:, None]
+
+
+def check_finite(values: torch.Tensor, name: str) -> None:
+    """Raise a `ValueError` naming the rows of the batch `values` `(B, ...)` that hold NaN or inf.
+
+    One reduction and one host sync: cheap next to a forward pass, and it turns what would become a NaN loss (blamed
+    on the learning rate) into an error that points at the data."""
+    finite = torch.isfinite(values.flatten(1)).all(dim=1)  # (B,)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} holds NaN or inf values (batch rows {rows[:10]}{' ...' if len(rows) > 10 else ''}): clean or "
+            "drop those examples (backbone features: compute them in float32)."
+        )
 
 
 def _linear_2d(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -176,9 +197,21 @@ class PatchEmbedder(nn.Module):
         """`(B, C, H, W)` → `(B, N, C · patch_size²)` flattened patches, row by row."""
         expected = (self.num_channels, self.image_size, self.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            if pixel_values.dim() != 4:
+                fix = "pass a 4-D (batch, channels, height, width) tensor"
+            elif pixel_values.shape[1] != self.num_channels:
+                fix = (
+                    f"the images have {pixel_values.shape[1]} channels, the model reads {self.num_channels}: convert "
+                    f"them (grey / RGB) or build a model with num_channels={pixel_values.shape[1]}"
+                )
+            else:
+                fix = (
+                    f"the images are {pixel_values.shape[2]}x{pixel_values.shape[3]}, the model reads "
+                    f"{self.image_size}x{self.image_size}: resize them or build a model for this size"
+                )
             raise ValueError(
                 f"`pixel_values` must have shape (batch, {', '.join(map(str, expected))}), "
-                f"got {tuple(pixel_values.shape)}: resize the images or build a model for this size."
+                f"got {tuple(pixel_values.shape)}: {fix}."
             )
         pixel_values = pixel_values.to(device=self.weight.device, dtype=self.weight.dtype)
         return F.unfold(pixel_values, self.patch_size, stride=self.patch_size).transpose(1, 2)
@@ -218,7 +251,7 @@ class DTGMATaskLayer(nn.Module):
 
 
 class DTGMATaskHead(nn.Module):
-    """A task's classifier: LayerNorm + Linear on the mean final state of its tokens."""
+    """A task's classifier: LayerNorm + Linear on the mean final state of its tokens (see `config.head_input`)."""
 
     def __init__(self, config: DTGMAConfig, num_labels: int):
         super().__init__()
@@ -583,6 +616,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 "pass `pixel_values`, not token features."
             )
         if pixel_values is not None and self.config.image_size is not None:
+            check_finite(pixel_values, "`pixel_values`")  # here, not in PatchEmbedder: it also runs under vmap
             if not self.task_adapters:
                 raise ValueError("The model has no task yet: call `model.add_task(name, labels=[...])` first.")
             batch = pixel_values.shape[0]
@@ -618,6 +652,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 all_attentions += (attn,)
 
         task_states = task_x.mean(dim=2)  # (B, G, D)
+        if self.config.head_input == "task_tokens+inputs":
+            real = attention_mask.to(input_x.dtype)[:, :, None]  # (B, N, 1)
+            task_states = task_states + ((input_x * real).sum(dim=1) / real.sum(dim=1))[:, None]
         logits = self._heads(task_states, task_ids)  # (B, G, L_max)
         if task_ids is not None:
             logits, task_states = logits[:, 0], task_states[:, 0]
@@ -686,6 +723,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 f"Feature width {inputs_embeds.shape[-1]} differs from config.input_dim={self.config.input_dim}: "
                 "use the backbone (and layer) the model was built for, or build a model with a matching input_dim."
             )
+        # On every call, training included: the checks here already synchronise with the host (task ids, mask rows),
+        # and a NaN input would otherwise show up as a NaN loss that points at the learning rate, not the data.
+        check_finite(inputs_embeds, "`inputs_embeds` (the token features)")
         if attention_mask is None:
             return inputs_embeds, torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
@@ -761,22 +801,45 @@ class DTGMAModel(DTGMAPreTrainedModel):
             Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n")
         return save_directory
 
-    def load_task(self, adapter_directory: str | os.PathLike, name: str | None = None) -> int:
+    def load_task(
+        self,
+        source: str | os.PathLike,
+        name: str | None = None,
+        *,
+        task: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+    ) -> int:
         """Add a task saved by `save_task` (name, labels, weights) to this model; returns its task id.
+
+        `source` is a local folder or a Hub repository id. A pushed repository holds one folder per task
+        (`<task>/adapter_model.safetensors` and `<task>/adapter_config.json`, see `hf_dtgma.hub.push_task`); `task`
+        names that folder, on the Hub or in a local folder of the same layout. Without `task` the two files are read
+        from `source` itself. From the Hub only the task's two files are downloaded, into the Hugging Face cache, so a
+        task fetched once also loads with `HF_HUB_OFFLINE=1`.
 
         The adapter must come from a model with the same shape config and the same shared (frozen) weights: its
         `base_fingerprint` must match this model's. The loaded task is finished, so it and the shared weights are
-        frozen. Nothing changes on this model if any check fails.
+        frozen. Nothing changes on this model if any check fails; a failed download raises a `FileNotFoundError`,
+        `PermissionError` or `ConnectionError` that says what went wrong and what to do.
 
         Args:
-            adapter_directory: a folder written by `save_task`.
+            source: a folder written by `save_task`, a folder of such folders (with `task`), or a Hub repository id.
             name: register the task under this name instead of the saved one.
+            task: the task's folder inside `source`.
+            revision: branch, tag or commit of a Hub repository.
+            token: Hub token for a private repository (default: the logged-in one).
+
+        Example:
+
+        ```python
+        >>> model.load_task("adapters/topic")                                   # a folder written by save_task
+        >>> model.load_task("user/dtgma-tasks", task="topic")                   # from the Hub
+        >>> model.load_task("user/dtgma-tasks", task="topic", revision="topic-v1", name="topic_v1")
+        ```
         """
-        adapter_directory = Path(adapter_directory)
+        adapter_directory, where = _adapter_folder(source, task, revision, token)
         config_path, weights_path = adapter_directory / ADAPTER_CONFIG_NAME, adapter_directory / ADAPTER_WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"No {path.name} in {adapter_directory}: point to a folder written by save_task.")
         try:
             metadata = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -786,7 +849,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 f"{config_path} is not an hf_dtgma adapter of format version {ADAPTER_FORMAT_VERSION} "
                 f"(library={metadata.get('library')!r}, format_version={metadata.get('format_version')!r})."
             )
-        self._check_adapter_compatible(metadata, adapter_directory)
+        self._check_adapter_compatible(metadata, where)
         try:
             tensors = load_file(weights_path)
         except (SafetensorError, OSError) as error:
@@ -808,10 +871,13 @@ class DTGMAModel(DTGMAPreTrainedModel):
         self.freeze_task(self.tasks[index])
         return index
 
-    def _check_adapter_compatible(self, metadata: dict[str, Any], source: Path) -> None:
+    def _check_adapter_compatible(self, metadata: dict[str, Any], source: str) -> None:
         ours = self.config.adapter_shape_config()
         theirs = metadata.get("shape_config", {})
-        differing = [f"{key}: adapter {theirs.get(key)!r} vs model {value!r}" for key, value in ours.items() if theirs.get(key) != value]
+        differing = [
+            f"{key}: adapter {theirs.get(key)!r} vs model {ours.get(key)!r}"
+            for key in sorted(set(ours) | set(theirs)) if theirs.get(key) != ours.get(key)
+        ]
         if differing:
             raise ValueError(f"Adapter {source} was saved from a model of another shape ({'; '.join(differing)}).")
         if self.config.backbone and metadata.get("backbone") and metadata["backbone"] != self.config.backbone:
@@ -829,10 +895,22 @@ class DTGMAModel(DTGMAPreTrainedModel):
     # ---------------------------------------------------------- persistence
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint whose weights disagree with its config is an error."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained` that reads safetensors only (never a pickled `.bin`) and fails clearly:
+        on a truncated or corrupted weights file, and on weights that disagree with their config."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("DTGMAModel loads safetensors weights only (no pickle); drop `use_safetensors=False`.")
+        kwargs["use_safetensors"] = True
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise ValueError(
+                f"The weights of {pretrained_model_name_or_path} could not be read ({error}): the safetensors file is "
+                "truncated or corrupted. Save the model again, or download it again (force_download=True)."
+            ) from error
         problems = {key: sorted(map(str, info[key]))[:6] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
         if problems:
             raise ValueError(
@@ -846,6 +924,29 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 param.data = param.data.clone()
         model._apply_frozen_state()
         return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, atomic: everything is written to a hidden staging folder next to
+        `save_directory`, then renamed into place (the whole folder when it is new, else file by file, `config.json`
+        last), so a crash mid-write never leaves a half-written file under a real name."""
+        save_directory = Path(save_directory)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", save_directory.name)  # the default, not the staging folder's name
+        save_directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = save_directory.parent / f".{save_directory.name}.{uuid.uuid4().hex[:12]}.tmp"
+        staging.mkdir()
+        try:
+            super().save_pretrained(staging, *args, **kwargs)
+            if not save_directory.exists():
+                os.replace(staging, save_directory)
+                return
+            written = [path for path in staging.rglob("*") if path.is_file()]
+            for path in sorted(written, key=lambda p: p.name == CONFIG_NAME):  # config.json last
+                target = save_directory / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class atomic_path:
@@ -864,6 +965,91 @@ class atomic_path:
             os.replace(self.tmp, self.target)
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+
+def is_hub_repo_id(source: str | os.PathLike) -> bool:
+    """Whether `source` names a Hub repository: a string that is no existing path and reads `name` or
+    `namespace/name` (a `Path`, an absolute path or a deeper relative path is always local)."""
+    if not isinstance(source, str) or os.path.exists(source):
+        return False
+    try:
+        validate_repo_id(source)
+    except hub_errors.HFValidationError:
+        return False
+    return True
+
+
+def _adapter_folder(
+    source: str | os.PathLike, task: str | None, revision: str | None, token: str | bool | None
+) -> tuple[Path, str]:
+    """The local folder holding a task's two adapter files, downloaded first when `source` is a Hub repository id
+    (only `<task>/adapter_*`), and how to name the adapter in messages. Raises `FileNotFoundError` when either file
+    is missing, and `hub_error`'s errors when the download fails."""
+    subfolder = f"{task}/" if task else ""
+    files = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+    if is_hub_repo_id(source):
+        where = f"Hub repository {source}" + (f" (task folder {subfolder})" if task else "")
+        where += f" at revision {revision}" if revision else ""
+        try:
+            snapshot = huggingface_hub.snapshot_download(
+                source, revision=revision, token=token, allow_patterns=[subfolder + file for file in files]
+            )
+        except (OSError, hub_errors.HTTPError) as error:
+            raise hub_error(error, str(source), revision) from error
+        folder = Path(snapshot) / subfolder
+        hint = "push the task there (hf_dtgma.hub.push_task) or check the task name: every task has a folder <task>/"
+    else:
+        if revision is not None:
+            raise ValueError(f"`revision` selects a version of a Hub repository; {source} is a local path.")
+        folder = Path(source) / subfolder
+        where = str(folder)
+        inside = sorted(path.parent.name for path in Path(source).glob(f"*/{ADAPTER_CONFIG_NAME}"))
+        hint = "point to a folder written by save_task" + (
+            f" (this one holds the task folders {inside}: pass task=<name>)" if inside and not task else ""
+        )
+    for file in files:
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"No {file} in {where}: {hint}.")
+    return folder, where
+
+
+def hub_error(error: Exception, repo_id: str, revision: str | None = None) -> OSError:
+    """A clear error for a failed Hub call on `repo_id` (raise it `from error`): what went wrong and what to do.
+
+    Returns a `FileNotFoundError` (repository or revision missing), `PermissionError` (token refused or without
+    write access), `ConnectionError` (offline mode, network failure, Hub error), else an `OSError`.
+    """
+    where = f"Hub repository {repo_id}" + (f" at revision {revision}" if revision else "")
+    status = error.response.status_code if isinstance(error, hub_errors.HfHubHTTPError) else None
+    detail = f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+    if isinstance(error, hub_errors.RevisionNotFoundError):
+        return FileNotFoundError(f"{where}: revision not found; pass an existing branch, tag or commit as `revision`.")
+    if isinstance(error, hub_errors.RepositoryNotFoundError):  # 404, or 401 for a private or gated one
+        return FileNotFoundError(
+            f"{where} does not exist or your token cannot read it: check the id (namespace/name); for a private "
+            "repository log in with `hf auth login` or pass `token=`."
+        )
+    if status in (401, 403):
+        return PermissionError(
+            f"The Hub refused the request on {where} (HTTP {status}): the token is invalid or cannot write there. "
+            "Log in with a write token (`hf auth login`, or pass `token=`) and push to a namespace you own."
+        )
+    if status is not None:
+        return ConnectionError(f"The Hub answered HTTP {status} for {where} ({detail}); retry later.")
+    if isinstance(error, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)) and (
+        hub_constants.HF_HUB_OFFLINE
+    ):
+        return ConnectionError(
+            f"HF_HUB_OFFLINE is set and {where} is not in the local cache: unset HF_HUB_OFFLINE to download it, "
+            "or pass a local folder."
+        )
+    # LocalEntryNotFoundError: the Hub could not be reached and nothing is cached; HTTPError: any httpx failure.
+    if isinstance(error, (hub_errors.LocalEntryNotFoundError, hub_errors.HTTPError, ConnectionError, TimeoutError)):
+        return ConnectionError(
+            f"Could not reach the Hub for {where} ({detail}): check the network connection (and HF_ENDPOINT), "
+            "then retry."
+        )
+    return OSError(f"The Hub call on {where} failed ({detail}).")
 
 
 DTGMAConfig.register_for_auto_class()

@@ -18,7 +18,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, open_text_backbone
+from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, normalize_layers, open_text_backbone
 from hf_dtgma.data import CL_BENCHMARK_ORDERS, load_cl_benchmark, load_clinc150, load_custom, load_text_domains
 from hf_dtgma.features import cache_task_features
 from hf_dtgma.training import ContinualTask, ContinualTrainer
@@ -32,6 +32,11 @@ from hf_dtgma.training.cli import (
 )
 
 BENCHMARKS = ("text_domains", "clinc150", "cl_benchmark", "custom")
+# Settings that depend on the benchmark, chosen on validation splits (README, "Results"); any flag given overrides them.
+# The eight built-in domains read layer -3 best; CLINC150's 150 intents read layers -1 and -3 together best, with heads
+# that also read the mean of the input tokens.
+GENERAL_DEFAULTS = dict(layer=-3, head_input="task_tokens")
+BENCHMARK_DEFAULTS = {"clinc150": dict(layer=[-1, -3], head_input="task_tokens+inputs")}
 
 
 def load_benchmark(args: argparse.Namespace) -> list[ContinualTask]:
@@ -81,18 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     backbone.add_argument("--backbone", default=None, help=f"Hub id or local path (default: {DEFAULT_TEXT_BACKBONE})")
     backbone.add_argument("--backbone-revision", default=None)
     backbone.add_argument(
-        "--layer", type=int, default=-3,
-        help="hidden state to read: -1 last layer, 0 embeddings (default -3: best on validation, see README)",
+        "--layer", type=int, nargs="+", default=None,
+        help="hidden state(s) to read: -1 last layer, 0 embeddings; several (--layer -1 -3) are concatenated "
+        "(default per benchmark, best on validation: -1 -3 for clinc150, -3 otherwise; see README)",
     )
     backbone.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    backbone.add_argument("--feature-batch-size", type=int, default=64, help="texts per backbone call (memory only)")
     backbone.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/hf_dtgma/features)")
     add_model_arguments(parser)
     add_training_arguments(parser)
+    parser.set_defaults(head_input=None)  # per benchmark: BENCHMARK_DEFAULTS
     return parser
 
 
 def complete_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on other flags."""
+    """Fill the defaults that depend on other flags (`BENCHMARK_DEFAULTS`, the output folder)."""
+    for name, value in {**GENERAL_DEFAULTS, **BENCHMARK_DEFAULTS.get(args.benchmark, {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.layer = normalize_layers(args.layer)
     if args.task_column is not None and args.task_column.lower() == "none":
         args.task_column = None
     if args.output_dir is None:
@@ -110,7 +122,7 @@ def prepare(args: argparse.Namespace, accelerator: Accelerator) -> tuple[Deferre
     )
     tasks = load_benchmark(args)
     with accelerator.main_process_first():
-        cache_task_features(tasks, backbone, cache_dir=args.cache_dir)
+        cache_task_features(tasks, backbone, cache_dir=args.cache_dir, batch_size=args.feature_batch_size)
     return backbone, fallback_reason, tasks
 
 

@@ -94,3 +94,18 @@ def test_patch_embedder_tokens_and_model_on_pixels():
         embedder(torch.rand(3, 3, 28, 28))
     with pytest.raises(ValueError, match="multiple of"):
         PatchEmbedder(image_size=30, patch_size=7)
+
+
+def test_several_layers_are_concatenated_in_the_order_given():
+    model, tokenizer = tiny_qwen()
+    both = TextBackbone(model, tokenizer, layer=(-1, -3), name="tiny-qwen2")
+    assert both.layer == [-1, -3] and both.hidden_size == 64 and both.identity["layer"] == [-1, -3]
+    features, mask = both.encode(TEXTS)
+    last, _ = TextBackbone(model, tokenizer, layer=-1).encode(TEXTS)
+    third, _ = TextBackbone(model, tokenizer, layer=-3).encode(TEXTS)
+    assert torch.equal(features, torch.cat([last, third], dim=-1))
+    assert TextBackbone(model, tokenizer, layer=[-2]).layer == -2  # one layer stays an int: identities unchanged
+    with pytest.raises(ValueError, match="distinct"):
+        TextBackbone(model, tokenizer, layer=[-1, -1])
+    with pytest.raises(ValueError, match="must be in"):
+        TextBackbone(model, tokenizer, layer=[-1, 7])

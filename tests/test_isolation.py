@@ -6,10 +6,13 @@ import torch
 from conftest import make_features, make_model, train_steps
 
 
-@pytest.mark.parametrize("shared_training", ["never", "first_task"])
+@pytest.mark.parametrize(
+    "shared_training, head_input",
+    [("never", "task_tokens"), ("first_task", "task_tokens"), ("never", "task_tokens+inputs")],
+)
 @pytest.mark.parametrize("mode", ["lowrank", "full"])
-def test_training_a_new_task_leaves_old_logits_bit_identical(mode, shared_training):
-    model = make_model(task_param_mode=mode, shared_training=shared_training)
+def test_training_a_new_task_leaves_old_logits_bit_identical(mode, shared_training, head_input):
+    model = make_model(task_param_mode=mode, shared_training=shared_training, head_input=head_input)
     model.add_task("A", labels=["neg", "pos"])
     shared_before = [p.detach().clone() for p in model.shared_parameters()]
     train_steps(model, "A", seed=3)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from huggingface_hub import ModelCard
+
 from conftest import tiny_qwen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +65,20 @@ def test_custom_csv_runs_end_to_end(tmp_path):
         adapter = json.loads((tmp_path / "out" / "adapters" / task / "adapter_config.json").read_text())
         assert sorted(adapter["labels"]) == sorted(TOPICS if task == "news" else SPORTS)
     assert (tmp_path / "out" / "accuracy_matrix.png").stat().st_size > 0
+    card = ModelCard.load(tmp_path / "out" / "model" / "README.md")  # the model card, next to the model it describes
+    assert card.data.eval_results[0].metric_value == results["task_il"]["average_accuracy"]
+    assert "scripts/text_domains.py --benchmark custom" in card.text and results["command"] in card.text
+
+
+def test_benchmark_defaults_fill_only_the_flags_left_unset():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from text_domains import build_parser, complete_args
+
+    def parsed(*argv: str):
+        return complete_args(build_parser().parse_args(list(argv)))
+
+    clinc = parsed("--benchmark", "clinc150")
+    assert (clinc.layer, clinc.head_input) == ([-1, -3], "task_tokens+inputs")
+    assert (parsed().layer, parsed().head_input) == (-3, "task_tokens")
+    chosen = parsed("--benchmark", "clinc150", "--layer", "-2", "--head-input", "task_tokens")
+    assert (chosen.layer, chosen.head_input) == (-2, "task_tokens")

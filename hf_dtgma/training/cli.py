@@ -4,13 +4,15 @@ flags, the Accelerator, one run of the continual trainer, and writing its output
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from ..configuration_dtgma import DTGMAConfig
+from ..configuration_dtgma import HEAD_INPUTS, DTGMAConfig
 from ..strategies import build_strategy
 from .reporting import write_run_outputs
 from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
@@ -26,6 +28,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, hidden_size: int = 256)
     model.add_argument("--task-rank", type=int, default=8)
     model.add_argument("--num-task-tokens", type=int, default=1)
     model.add_argument("--shared-training", choices=["never", "first_task"], default="never")
+    model.add_argument(
+        "--head-input", choices=list(HEAD_INPUTS), default="task_tokens",
+        help="what each task's head reads: its tokens' final state, or that plus the mean of the input tokens' states",
+    )
     return model
 
 
@@ -37,6 +43,9 @@ def add_training_arguments(
     training.add_argument("--epochs", type=int, default=epochs, help="most epochs per task (early stopping ends sooner)")
     training.add_argument("--patience", type=int, default=patience, help="epochs without a better validation accuracy")
     training.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (all processes together)")
+    training.add_argument(
+        "--eval-batch-size", type=int, default=256, help="evaluation batch size (changes memory use, not results)"
+    )
     training.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (chosen on validation)")
     training.add_argument("--weight-decay", type=float, default=0.01)
     training.add_argument("--seed", type=int, default=0)
@@ -60,7 +69,7 @@ def model_config(args: argparse.Namespace, **fields: Any) -> DTGMAConfig:
     return DTGMAConfig(
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
         task_param_mode=args.task_param_mode, task_rank=args.task_rank, num_task_tokens=args.num_task_tokens,
-        shared_training=args.shared_training, **fields,
+        shared_training=args.shared_training, head_input=args.head_input, **fields,
     )
 
 
@@ -87,7 +96,8 @@ def train_continually(
     trainer = ContinualTrainer(
         build_strategy(method, config, **(hyperparameters or {})),
         ContinualTrainingConfig(
-            output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+            output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
             weight_decay=args.weight_decay, patience=args.patience, seed=args.seed, log_with=args.log_with,
             evaluation_split=evaluation_split or args.evaluate_on,
         ),
@@ -104,11 +114,13 @@ def finish_run(
     started: float,
     **extra: Any,
 ) -> None:
-    """Write results.json / results.md / accuracy_matrix.png, the model and the adapters (main process only), and
-    print the summary line. `extra` goes into results.json (backbone, phase timings, ...)."""
+    """Write results.json / results.md / accuracy_matrix.png, the model with its card and the adapters (main process
+    only), and print the summary line. `extra` goes into results.json (backbone, phase timings, ...), as does the
+    command line (the card's training command)."""
     if not accelerator.is_main_process:
         return
-    results.update(benchmark=args.benchmark, seed=args.seed, config=vars(args), **extra)
+    command = shlex.join(["python", *sys.argv])
+    results.update(benchmark=args.benchmark, seed=args.seed, config=vars(args), command=command, **extra)
     results["seconds_total"] = time.perf_counter() - started
     write_run_outputs(trainer.model, results, args.output_dir)
     task_il = results["task_il"]
