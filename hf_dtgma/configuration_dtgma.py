@@ -15,9 +15,10 @@ TASK_PARAM_MODES = ("lowrank", "full")
 SHARED_TRAINING_MODES = ("first_task", "never")
 PATCH_EMBEDDER_MODES = ("shared", "per_task")
 HEAD_INPUTS = ("task_tokens", "task_tokens+inputs")
+ROUTERS = ("mahalanobis", "energy", "combined")
 # The layout of config.json and of the weights it describes. A config written by another format version is refused
 # (configs saved before the field existed are format 1); bump it whenever a saved model would load wrongly.
-CONFIG_FORMAT_VERSION = 1
+CONFIG_FORMAT_VERSION = 2  # 2: every task adapter holds its routing statistics
 
 # The config fields that fix the shapes of a task's parameters. An adapter saved
 # from one model loads into another only when all of them agree.
@@ -33,9 +34,9 @@ ADAPTER_SHAPE_FIELDS = (
 )
 # And, for a model that reads images through its own patch embedder, these.
 IMAGE_SHAPE_FIELDS = ("image_size", "patch_size", "num_channels", "patch_embedder")
-# Fields that change what a task's parameters compute without changing their shapes, recorded (and checked) only
-# when they differ from the default, so adapters saved before a field existed keep their metadata and fingerprint.
-ADAPTER_BEHAVIOUR_DEFAULTS = {"head_input": "task_tokens"}
+# Fields added after the first release that change what a task's tensors compute or hold, recorded (and checked) only
+# when they differ from the default, so the metadata and fingerprint of a default model stay as they were.
+ADAPTER_BEHAVIOUR_DEFAULTS = {"head_input": "task_tokens", "router_rank": 16}
 
 
 class DTGMAConfig(PreTrainedConfig):
@@ -103,6 +104,19 @@ class DTGMAConfig(PreTrainedConfig):
             Who owns the patch embedder when `image_size` is set. `"shared"`: one embedder, a shared parameter that
             follows `shared_training` (frozen at its initialisation with `"never"`). `"per_task"`: every task trains
             its own embedder, saved in its adapter; all-task evaluation (`task_ids=None`) then runs one pass per task.
+        router (`str`, defaults to `"mahalanobis"`):
+            How `DTGMAModel.predict` infers the task when none is given (each task's statistics are fitted by
+            `hf_dtgma.routing.fit_task_router` when it finishes and never change afterwards). `"mahalanobis"`: the
+            Gaussian log-likelihood of the mean-pooled input features under the task's class means and its own
+            low-rank-plus-isotropic covariance. `"energy"`: the log-sum-exp of the task head's logits, standardised by
+            its own validation statistics. `"combined"`: the sum of both standardised scores. Chosen on the CLINC150
+            validation splits (README, "Task-agnostic inference").
+        router_rank (`int`, defaults to 16):
+            Principal directions of a task's within-class covariance kept by the Mahalanobis router (the rest is one
+            isotropic variance); the router stores `(num_labels + router_rank)` feature-width vectors per task.
+        reject_threshold (`float`, *optional*):
+            `predict` marks an input out of scope when its score (standardised on the routed task's validation data)
+            is below this; `None` (default) rejects nothing. Set by `hf_dtgma.routing.calibrate_reject_threshold`.
         backbone (`dict`, *optional*):
             Identity of the frozen backbone the features come from (e.g. `{"name": "Qwen/Qwen2.5-1.5B", "layer": -1}`);
             recorded in every adapter so that features of another backbone are refused.
@@ -146,15 +160,21 @@ class DTGMAConfig(PreTrainedConfig):
         num_channels: int = 1,
         patch_embedder: str = "shared",
         head_input: str = "task_tokens",
+        router: str = "mahalanobis",
+        router_rank: int = 16,
+        reject_threshold: float | None = None,
         format_version: int = CONFIG_FORMAT_VERSION,
         **kwargs,
     ):
         if format_version != CONFIG_FORMAT_VERSION:
             newer = isinstance(format_version, int) and format_version > CONFIG_FORMAT_VERSION
+            fix = (
+                " (it was saved by a newer hf_dtgma). Upgrade hf_dtgma, or load" if newer
+                else " (it was saved by an older hf_dtgma, before tasks stored routing statistics). Load"
+            )
             raise ValueError(
                 f"DTGMAConfig: this config has format_version={format_version!r}, and this hf_dtgma reads format "
-                f"{CONFIG_FORMAT_VERSION} only{' (it was saved by a newer hf_dtgma)' if newer else ''}. Upgrade "
-                "hf_dtgma, or load the model with the code saved next to it: "
+                f"{CONFIG_FORMAT_VERSION} only{fix} the model with the code saved next to it: "
                 "AutoModel.from_pretrained(path, trust_remote_code=True)."
             )
         for name, value in (
@@ -164,6 +184,7 @@ class DTGMAConfig(PreTrainedConfig):
             ("num_heads", num_heads),
             ("num_task_tokens", num_task_tokens),
             ("task_rank", task_rank),
+            ("router_rank", router_rank),
             ("patch_size", patch_size),
             ("num_channels", num_channels),
             *((("image_size", image_size),) if image_size is not None else ()),
@@ -185,6 +206,8 @@ class DTGMAConfig(PreTrainedConfig):
             raise ValueError(f"DTGMAConfig: `patch_embedder` must be one of {PATCH_EMBEDDER_MODES}, got {patch_embedder!r}.")
         if head_input not in HEAD_INPUTS:
             raise ValueError(f"DTGMAConfig: `head_input` must be one of {HEAD_INPUTS}, got {head_input!r}.")
+        if router not in ROUTERS:
+            raise ValueError(f"DTGMAConfig: `router` must be one of {ROUTERS}, got {router!r}.")
         if image_size is not None and image_size % patch_size != 0:
             raise ValueError(
                 f"DTGMAConfig: `patch_size` ({patch_size}) must divide `image_size` ({image_size}); e.g. 28 -> 4, 7 or 14."
@@ -211,6 +234,9 @@ class DTGMAConfig(PreTrainedConfig):
         self.num_channels = num_channels
         self.patch_embedder = patch_embedder
         self.head_input = head_input
+        self.router = router
+        self.router_rank = router_rank
+        self.reject_threshold = None if reject_threshold is None else float(reject_threshold)
         self.format_version = format_version
         super().__init__(**kwargs)
 
@@ -220,3 +246,9 @@ class DTGMAConfig(PreTrainedConfig):
         fields = ADAPTER_SHAPE_FIELDS + (IMAGE_SHAPE_FIELDS if self.image_size is not None else ())
         behaviour = {field: getattr(self, field) for field, default in ADAPTER_BEHAVIOUR_DEFAULTS.items() if getattr(self, field) != default}
         return {**{field: getattr(self, field) for field in fields}, **behaviour}
+
+    @property
+    def router_feature_dim(self) -> int:
+        """Width of the features the router reads: the flattened image for a model with its own patch embedder,
+        else the width of the input token features (their masked mean)."""
+        return self.num_channels * self.image_size**2 if self.image_size is not None else self.input_dim

@@ -49,7 +49,7 @@ from .configuration_dtgma import DTGMAConfig
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: the adapter holds the task's routing statistics (`router.*`)
 
 # Projections a task adapts, with their (in, out) widths as functions of the config.
 TASK_PROJECTIONS: dict[str, Callable[[DTGMAConfig], tuple[int, int]]] = {
@@ -259,9 +259,34 @@ class DTGMATaskHead(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
 
 
+class DTGMATaskRouter(nn.Module):
+    """Task t's routing statistics, buffers written once by `hf_dtgma.routing.fit_task_router` when t finishes.
+
+    Over the router features `f` (`DTGMAModel.router_features`, width F) of t's training data: `class_means (L, F)`;
+    the within-class covariance as `basis (F, r)` (its top r eigenvectors) with `basis_variances (r,)` and one
+    `residual_variance` for the other F − r directions, and `log_det`, the log-determinant of that covariance; and
+    `score_stats (4,)`: mean and standard deviation of t's Mahalanobis score and of its head's energy on t's own
+    validation data. `residual_variance == 0` means not fitted yet.
+    """
+
+    def __init__(self, config: DTGMAConfig, num_labels: int):
+        super().__init__()
+        width = config.router_feature_dim
+        self.register_buffer("class_means", torch.zeros(num_labels, width))
+        self.register_buffer("basis", torch.zeros(width, config.router_rank))
+        self.register_buffer("basis_variances", torch.ones(config.router_rank))
+        self.register_buffer("residual_variance", torch.zeros(()))
+        self.register_buffer("log_det", torch.zeros(()))
+        self.register_buffer("score_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.residual_variance > 0)
+
+
 class DTGMATaskAdapter(nn.Module):
-    """Everything task t owns: its tokens, its per-layer deltas and its head (and its patch embedder when
-    `config.patch_embedder == "per_task"`). Saved alone as the task's adapter."""
+    """Everything task t owns: its tokens, its per-layer deltas, its head and its routing statistics (and its patch
+    embedder when `config.patch_embedder == "per_task"`). Saved alone as the task's adapter."""
 
     def __init__(self, config: DTGMAConfig, num_labels: int):
         super().__init__()
@@ -270,6 +295,7 @@ class DTGMATaskAdapter(nn.Module):
         self.task_tokens = nn.Parameter(torch.empty(config.num_task_tokens, config.hidden_size))
         self.layers = nn.ModuleList(DTGMATaskLayer(config) for _ in range(config.num_layers))
         self.head = DTGMATaskHead(config, num_labels)
+        self.router = DTGMATaskRouter(config, num_labels)
 
 
 class DTGMALayer(nn.Module):
@@ -361,6 +387,29 @@ class DTGMALayer(nn.Module):
         return task_x + self.dropout(task_out), input_x + self.dropout(input_out), weights
 
 
+@dataclass
+class DTGMAPrediction:
+    """Output of [`DTGMAModel.predict`]: task-agnostic predictions for B inputs of T registered tasks.
+
+    Args:
+        task_ids: `(B,)` the inferred task of each input.
+        label_ids: `(B,)` the predicted label within that task.
+        scores: `(B,)` the inferred task's score, standardised on that task's validation data (higher = more in scope).
+        rejected: `(B,)` whether `scores` fell below the reject threshold (out of scope).
+        logits: `(B, T, L_max)` every task's logits.
+        task_scores: `(B, T)` the router's score of every task.
+        records: one `{"task", "label", "score", "rejected"}` dict per input, with names.
+    """
+
+    task_ids: torch.Tensor
+    label_ids: torch.Tensor
+    scores: torch.Tensor
+    rejected: torch.Tensor
+    logits: torch.Tensor
+    task_scores: torch.Tensor
+    records: list[dict[str, Any]]
+
+
 class DTGMAPreTrainedModel(PreTrainedModel):
     config_class = DTGMAConfig
     base_model_prefix = "dtgma"
@@ -381,6 +430,11 @@ class DTGMAPreTrainedModel(PreTrainedModel):
             module.reset_parameters(init.normal_, init.zeros_)
         elif isinstance(module, DTGMATaskAdapter):
             init.normal_(module.task_tokens, mean=0.0, std=std)
+        elif isinstance(module, DTGMATaskRouter):  # not fitted
+            for name in ("class_means", "basis", "residual_variance", "log_det"):
+                init.zeros_(getattr(module, name))
+            init.ones_(module.basis_variances)
+            init.copy_(module.score_stats, torch.tensor([0.0, 1.0, 0.0, 1.0]))
         elif isinstance(module, DTGMATaskLayer):
             # A low-rank delta starts at zero (up = 0): a new task starts from the shared computation.
             for name, param in module.named_parameters(recurse=False):
@@ -667,6 +721,154 @@ class DTGMAModel(DTGMAPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    # ---------------------------------------------------------------- routing
+
+    def router_features(
+        self,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What the routers read, `(B, config.router_feature_dim)` in float32: the masked mean of the input token
+        features `(B, N, input_dim)`, or for a model with its own patch embedder the flattened images `(B, C, H, W)`.
+        Frozen inputs, so a task's statistics of them never depend on training."""
+        if self.config.image_size is not None:
+            if pixel_values is None:
+                raise ValueError("This model reads images: pass `pixel_values` to route them.")
+            return pixel_values.flatten(1).float()
+        if inputs_embeds is None:
+            raise ValueError("Pass `inputs_embeds` (token features) to route them.")
+        real = (attention_mask if attention_mask is not None else torch.ones(inputs_embeds.shape[:2]))
+        real = real.to(inputs_embeds.device, torch.float32)[:, :, None]  # (B, N, 1)
+        return (inputs_embeds.float() * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+
+    def _routers(self, tasks: list[int] | None = None) -> list[DTGMATaskRouter]:
+        if not self.task_adapters:
+            raise ValueError("The model has no task yet: call `model.add_task(name, labels=[...])` first.")
+        tasks = list(range(len(self.task_adapters))) if tasks is None else tasks
+        routers = [self.task_adapters[index].router for index in tasks]
+        unfitted = [self.tasks[index] for index, router in zip(tasks, routers) if not router.fitted]
+        if unfitted:
+            raise ValueError(
+                f"Tasks {unfitted} have no routing statistics, so the task cannot be inferred: fit them with "
+                "hf_dtgma.routing.fit_task_router(model, task, train_split, validation_split) (ContinualTrainer does "
+                "this when a task finishes), or pass `task_ids`."
+            )
+        return routers
+
+    def class_log_likelihoods(self, features: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:
+        """Gaussian log-likelihood (up to a constant shared by all tasks) of router `features` `(B, F)` under every
+        class of every task (or of the task ids `tasks`): `(B, T, L_max)`, `-inf` for labels a task lacks. Class c of task t is
+        `N(class_means[c], Σ_t)` with `Σ_t = basis · diag(basis_variances) · basisᵀ + residual_variance · (I − basis
+        basisᵀ)`, applied through the Woodbury form (no F × F matrix is stored or built)."""
+        routers = self._routers(tasks)
+        num_labels = [router.class_means.shape[0] for router in routers]
+        max_labels = max(num_labels)
+        means = torch.stack([F.pad(r.class_means.float(), (0, 0, 0, max_labels - n)) for r, n in zip(routers, num_labels)])
+        basis = torch.stack([router.basis.float() for router in routers])  # (T, F, r)
+        residual = torch.stack([router.residual_variance.float() for router in routers])  # (T,)
+        shrink = 1.0 / residual[:, None] - 1.0 / torch.stack([router.basis_variances.float() for router in routers])
+        log_det = torch.stack([router.log_det.float() for router in routers])  # (T,)
+        x = features.float()
+        # |x - μ|² and the projections of x - μ on each task's basis, from products with x (no (B, T, L, F) tensor).
+        squared = (x * x).sum(-1)[:, None, None] - 2 * torch.einsum("bf,tlf->btl", x, means) + (means * means).sum(-1)[None]
+        projected = torch.einsum("bf,tfr->btr", x, basis)[:, :, None] - torch.einsum("tlf,tfr->tlr", means, basis)[None]
+        distance = squared / residual[None, :, None] - (projected.square() * shrink[None, :, None]).sum(-1)
+        log_likelihood = -0.5 * (distance + log_det[None, :, None])  # (B, T, L_max)
+        valid = torch.arange(max_labels, device=x.device)[None] < torch.tensor(num_labels, device=x.device)[:, None]
+        return log_likelihood.masked_fill(~valid[None], float("-inf"))
+
+    def task_scores(
+        self, features: torch.Tensor, logits: torch.Tensor, router: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task scores of router `router` (default `config.router`) from router `features` `(B, F)` and the
+        all-task `logits` `(B, T, L_max)`. Returns `(routing (B, T), standardised (B, T))`: the task with the highest
+        `routing` score is the inferred task, and `standardised` is each task's score in units of the spread of that
+        score on the task's own validation data (what `reject_threshold` is compared with)."""
+        router = router or self.config.router
+        if router not in ("mahalanobis", "energy", "combined"):
+            raise ValueError(f"`router` must be 'mahalanobis', 'energy' or 'combined', got {router!r}.")
+        stats = torch.stack([r.score_stats.float() for r in self._routers()])  # (T, 4)
+        likelihood = self.class_log_likelihoods(features).amax(dim=-1)  # (B, T)
+        energy = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
+        z_likelihood = (likelihood - stats[:, 0]) / stats[:, 1]
+        z_energy = (energy - stats[:, 2]) / stats[:, 3]
+        if router == "mahalanobis":
+            return likelihood, z_likelihood
+        if router == "energy":
+            return z_energy, z_energy
+        combined = (z_likelihood + z_energy) / 2**0.5
+        return combined, combined
+
+    @torch.no_grad()
+    def predict(
+        self,
+        texts: list[str] | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        router: str | None = None,
+        reject_threshold: float | None = None,
+    ) -> DTGMAPrediction:
+        """Task-agnostic prediction: infer each input's task, then its label within that task. One all-task pass.
+
+        Args:
+            texts: raw texts, encoded by the attached `TextBackbone` (see `attach_backbone`); or pass
+                `inputs_embeds` + `attention_mask` (cached features), `input_ids`, or `pixel_values`.
+            router: `"mahalanobis"`, `"energy"` or `"combined"` (default `config.router`).
+            reject_threshold: mark inputs whose standardised score is below it as out of scope (default
+                `config.reject_threshold`; `None` rejects nothing).
+
+        Returns a `DTGMAPrediction`: `task_ids`, `label_ids`, `scores`, `rejected` `(B,)`, the all-task `logits`
+        `(B, T, L_max)` and `task_scores` `(B, T)`, and `records`: one `{"task", "label", "score", "rejected"}` dict
+        per input.
+
+        Example:
+
+        ```python
+        >>> model.attach_backbone(TextBackbone.from_pretrained("Qwen/Qwen2.5-1.5B", layer=-3))
+        >>> model.predict(["what's my checking balance", "book a table for two"]).records
+        [{'task': 'banking', 'label': 'balance', 'score': 0.41, 'rejected': False}, ...]
+        ```
+        """
+        if texts is not None:
+            if isinstance(texts, str):
+                texts = [texts]
+            encode = getattr(self.attached_backbone, "encode", None)
+            if encode is None:
+                raise ValueError("`texts` need an attached text backbone with a tokenizer: call `model.attach_backbone(...)`.")
+            inputs_embeds, attention_mask = encode(list(texts))
+        elif input_ids is not None:
+            inputs_embeds, attention_mask = self._features_from_backbone(input_ids, None, attention_mask)
+        elif pixel_values is not None and self.config.image_size is None:
+            inputs_embeds, attention_mask = self._features_from_backbone(None, pixel_values, attention_mask)
+            pixel_values = None
+        was_training = self.training
+        self.eval()
+        try:
+            if pixel_values is not None:
+                logits = self(pixel_values=pixel_values).logits
+                features = self.router_features(pixel_values=pixel_values)
+            else:
+                logits = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+                features = self.router_features(inputs_embeds, attention_mask)
+        finally:
+            self.train(was_training)
+        routing, standardised = self.task_scores(features, logits, router)
+        task_ids = routing.argmax(dim=-1)  # (B,)
+        rows = torch.arange(task_ids.shape[0], device=task_ids.device)
+        label_ids = logits[rows, task_ids].argmax(dim=-1)
+        scores = standardised[rows, task_ids]
+        threshold = self.config.reject_threshold if reject_threshold is None else reject_threshold
+        rejected = scores < threshold if threshold is not None else torch.zeros_like(task_ids, dtype=torch.bool)
+        records = [
+            {"task": self.tasks[t], "label": self.config.tasks[t]["labels"][label], "score": round(score, 4), "rejected": out}
+            for t, label, score, out in zip(task_ids.tolist(), label_ids.tolist(), scores.tolist(), rejected.tolist())
+        ]
+        return DTGMAPrediction(task_ids, label_ids, scores, rejected, logits, routing, records)
+
     def _embed_pixels(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens `(B, N, input_dim)` and mask `(B, N)` of `pixel_values` `(B, C, H, W)`: from the shared
         embedder, or from each row's task's own embedder (`task_ids` (B,) given)."""
@@ -920,8 +1122,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
         # Loaded tensors can be views at unaligned offsets of the checkpoint buffer, and vectorised CPU kernels round
         # differently on unaligned data: fresh copies make a loaded model compute bit-identically to the saved one.
         with torch.no_grad():
-            for param in model.parameters():
-                param.data = param.data.clone()
+            for tensor in (*model.parameters(), *model.buffers()):
+                tensor.data = tensor.data.clone()
         model._apply_frozen_state()
         return (model, info) if output_loading_info else model
 

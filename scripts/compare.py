@@ -126,11 +126,11 @@ def variants(args, method: str) -> list[tuple[str, dict]]:
 def run_settings(args, run_args, method: str, seed: int, hyperparameters: dict) -> dict:
     """What determines a run's result: a cached run is reused only when these match."""
     training = {name: getattr(run_args, name) for name in ("epochs", "patience", "batch_size", "lr", "weight_decay", "evaluate_on")}
-    model = {name: getattr(run_args, name) for name in ("hidden_size", "num_layers", "num_heads", "task_rank", "num_task_tokens", "head_input")}
+    model = {name: getattr(run_args, name) for name in ("hidden_size", "num_layers", "num_heads", "task_rank", "num_task_tokens", "head_input", "router")}
     data = {name: getattr(run_args, name, None) for name in ("data_dir", "num_tasks", "split_seed", "order", "train_per_task", "layer")}
     return {
         "benchmark": args.benchmark, "method": method, "seed": seed, "training": training, "model": model, "data": data,
-        "hyperparameters": hyperparameters,
+        "hyperparameters": hyperparameters, "class_incremental": True,  # runs from before class-IL evaluation rerun
     }
 
 
@@ -172,6 +172,8 @@ def summarize_method(runs: list[dict]) -> dict:
         "average_accuracy": _mean_std([t["average_accuracy"] for t in task_il]),
         "average_forgetting": _mean_std([t["average_forgetting"] for t in task_il]),
         "bwt": _mean_std([t["bwt"] for t in task_il]),
+        "class_il_accuracy": _mean_std([run["class_il"]["average_accuracy"] for run in runs]),
+        "task_identification": _mean_std([run["routing"]["task_accuracy"] for run in runs]),
         "parameters_total": parameters["total"],
         "parameters_per_task": statistics.fmean(parameters["per_task"].values()),
         "seconds": statistics.fmean(run["seconds_total"] for run in runs),
@@ -190,12 +192,17 @@ def comparison_markdown(summary: dict) -> str:
         f"{summary['input']['name']}. Same trainer, batch size, learning rate, epochs and early stopping for every "
         "method.",
         "",
-        "| method | average accuracy (%) | forgetting | BWT | parameters (total) | parameters per task | time per run (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Class-incremental: no task id, every seen task's labels (DTG-MA infers the task with its router; the other "
+        "methods take the argmax over all seen heads); task identified: how often the chosen label's task is right.",
+        "",
+        "| method | average accuracy (%) | forgetting | BWT | class-incremental (%) | task identified (%) | parameters (total) "
+        "| parameters per task | time per run (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, row in summary["methods"].items():
         lines.append(
             f"| {method} | {pm(row['average_accuracy'])} | {pm(row['average_forgetting'])} | {pm(row['bwt'])} | "
+            f"{pm(row['class_il_accuracy'])} | {pm(row['task_identification'])} | "
             f"{row['parameters_total']:,} | {row['parameters_per_task']:,.0f} | {row['seconds']:.0f} |"
         )
     lines += ["", "Hyperparameters: " + "; ".join(f"{m} {r['hyperparameters'] or 'defaults'}" for m, r in summary["methods"].items())]

@@ -19,8 +19,16 @@ import torch
 from accelerate import Accelerator
 
 from hf_dtgma.backbones import DEFAULT_TEXT_BACKBONE, DeferredTextBackbone, normalize_layers, open_text_backbone
-from hf_dtgma.data import CL_BENCHMARK_ORDERS, load_cl_benchmark, load_clinc150, load_custom, load_text_domains
-from hf_dtgma.features import cache_task_features
+from hf_dtgma.data import (
+    CL_BENCHMARK_ORDERS,
+    load_cl_benchmark,
+    load_clinc150,
+    load_clinc150_out_of_scope,
+    load_custom,
+    load_text_domains,
+)
+from hf_dtgma.features import cache_features, cache_task_features
+from hf_dtgma.routing import routing_report
 from hf_dtgma.training import ContinualTask, ContinualTrainer
 from hf_dtgma.training.cli import (
     add_model_arguments,
@@ -145,10 +153,17 @@ def main() -> None:
     backbone, fallback_reason, tasks = prepare(args, accelerator)
     features_done = time.perf_counter()
     trainer, results = train(args, backbone, tasks, accelerator)
+    trained = time.perf_counter()
+    out_of_scope = None
+    if args.benchmark == "clinc150" and args.num_tasks is None:  # its oos sentences belong to no domain
+        oos_test = load_clinc150_out_of_scope(args.data_dir)["test"]
+        oos_test = oos_test.add_column("label", [0] * len(oos_test))
+        out_of_scope = cache_features(oos_test, backbone, cache_dir=args.cache_dir, batch_size=args.feature_batch_size)
+    results["routing"].update(routing_report(trainer.model, tasks, out_of_scope, evaluation_split=args.evaluate_on))
     finish_run(
         trainer, results, args, accelerator, started,
         backbone={**backbone.identity, "fallback_reason": fallback_reason, "loaded_this_run": backbone.loaded},
-        seconds_features=features_done - started,
+        seconds_features=features_done - started, seconds_routing_report=time.perf_counter() - trained,
     )
 
 

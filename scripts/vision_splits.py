@@ -23,6 +23,7 @@ from hf_dtgma.data.vision import (
     load_split_fashion_mnist,
     load_split_mnist,
 )
+from hf_dtgma.routing import routing_report
 from hf_dtgma.training import ContinualTask
 from hf_dtgma.training.cli import (
     add_model_arguments,
@@ -130,6 +131,7 @@ def main() -> None:
         patch_embedder=args.patch_embedder,
     )
     trainer, results = train_continually(args, config, tasks, accelerator)
+    results["routing"].update(routing_report(trainer.model, tasks, evaluation_split=args.evaluate_on))
     embedder = f"patch embedder ({args.patch_embedder}, {args.patch_size}x{args.patch_size} patches of {image_size}x{image_size} images)"
     finish_run(trainer, results, args, accelerator, started, backbone={"name": embedder}, seconds_data=loaded - started)
 

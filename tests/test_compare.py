@@ -34,11 +34,14 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
         assert row["average_accuracy"]["std"] == np.std(accuracies, ddof=1)
         assert len(row["first_task_accuracy"]) == 2
         assert runs[0]["settings"]["training"]["epochs"] == 2
+        class_il = [run["class_il"]["average_accuracy"] for run in runs]
+        assert row["class_il_accuracy"]["mean"] == np.mean(class_il)
+        assert all(c <= t for c, t in zip(class_il, accuracies))  # no task id can only cost accuracy
     assert summary["methods"]["ewc"]["hyperparameters"] == {"penalty": 5.0}
     assert summary["methods"]["dtgma"]["average_forgetting"]["mean"] == 0.0
     assert summary["methods"]["dtgma"]["parameters_per_task"] > summary["methods"]["finetune"]["parameters_per_task"]
     markdown = (tmp_path / "out" / "comparison.md").read_text()
-    assert "| ewc |" in markdown and "± " in markdown
+    assert "| ewc |" in markdown and "± " in markdown and "class-incremental (%)" in markdown
     assert (tmp_path / "out" / "first_task_accuracy.png").stat().st_size > 1000
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

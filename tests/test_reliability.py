@@ -171,8 +171,10 @@ BAD_INPUTS = [
     case("inf-in-test-data", lambda tmp: fit([task("a", test=split(poison=float("inf")))], tmp),
          ValueError, r"A batch of task 'a''s test data \(`features`\) holds NaN or inf"),
     # a config of an incompatible version
-    case("config-from-a-newer-version", lambda tmp: DTGMAConfig(format_version=2),
-         ValueError, r"format_version=2, and this hf_dtgma reads format 1 only \(it was saved by a newer hf_dtgma\)"),
+    case("config-from-a-newer-version", lambda tmp: DTGMAConfig(format_version=3),
+         ValueError, r"format_version=3, and this hf_dtgma reads format 2 only \(it was saved by a newer hf_dtgma\)"),
+    case("config-from-before-routing", lambda tmp: DTGMAConfig(format_version=1),
+         ValueError, r"format_version=1, and this hf_dtgma reads format 2 only \(it was saved by an older hf_dtgma.*\)\. Load the model with the code saved next to it"),
 ]
 
 
@@ -284,7 +286,7 @@ def test_truncated_adapter_and_model_files_fail_clearly_and_leave_every_other_fi
         ),
         pytest.param(
             lambda folder: (folder / "model" / "config.json").write_text(
-                json.dumps({**json.loads((folder / "model" / "config.json").read_text()), "format_version": 2})
+                json.dumps({**json.loads((folder / "model" / "config.json").read_text()), "format_version": 3})
             ),
             lambda folder: DTGMAModel.from_pretrained(folder / "model"), "saved by a newer hf_dtgma",
             id="config-from-a-newer-version",

@@ -10,6 +10,7 @@ validation split, evaluation after each task); a strategy only says what happens
     after_optimizer_step()        after the step: clamp, re-apply masks, update statistics
     end_task(t, tasks, retrain)   consolidate: importance weights, masks, pruning (+ `retrain(epochs)`), buffers
     logits(inputs, t)             task-incremental logits of task t for evaluation
+    class_il_predict(inputs, T)   class-incremental prediction (task, label) among tasks 0..T-1, no task id given
 
 Batches are dicts with `labels (B,)` and either `inputs_embeds (B, N, D)` + `attention_mask (B, N)` or
 `pixel_values (B, C, H, W)`; with a `task_id` column in the data set (joint training), also `task_ids (B,)`.
@@ -95,6 +96,16 @@ class ContinualStrategy:
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         """`(B, L_index)` logits of task `index` (task-incremental evaluation)."""
         raise NotImplementedError
+
+    def class_il_predict(self, inputs: dict[str, torch.Tensor], num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class-incremental prediction among tasks `0..num_tasks-1` without a task id: `(task ids (B,), label ids
+        within those tasks (B,))`. Default: the argmax over every seen head's logits side by side (the usual
+        class-incremental evaluation of multi-head methods); DTG-MA routes instead."""
+        logits = [self.logits(inputs, index) for index in range(num_tasks)]
+        owner = torch.cat([torch.full((part.shape[-1],), index) for index, part in enumerate(logits)])
+        within = torch.cat([torch.arange(part.shape[-1]) for part in logits])
+        best = torch.cat(logits, dim=-1).argmax(dim=-1).cpu()
+        return owner[best], within[best]
 
     def parameter_counts(self, task_names: list[str]) -> dict[str, Any]:
         """`{"total", "shared", "per_task": {name: n}}`: parameters of the model, and what each task added."""

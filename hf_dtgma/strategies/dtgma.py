@@ -15,6 +15,7 @@ from torch import nn
 
 from ..configuration_dtgma import DTGMAConfig
 from ..modeling_dtgma import DTGMAModel
+from ..routing import fit_task_router
 from .base import ContinualStrategy, NoHyperparameters, Retrain, model_inputs
 
 
@@ -48,10 +49,19 @@ class DTGMAStrategy(ContinualStrategy):
         return model(**batch, task_ids=index).loss
 
     def end_task(self, index: int, tasks: list, retrain: Retrain) -> None:
+        """Freeze the task, then fit its routing statistics (`hf_dtgma.routing`) from its own splits."""
         self.model.freeze_task(tasks[index].name)
+        fit_task_router(self.model, index, tasks[index].train, tasks[index].validation)
 
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         return self.model(**model_inputs(inputs), task_ids=index).logits
+
+    def class_il_predict(self, inputs: dict[str, torch.Tensor], num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's task (`config.router`) and that task's label, from one all-task pass."""
+        if num_tasks != len(self.model.tasks):
+            raise ValueError(f"DTG-MA routes among all {len(self.model.tasks)} registered tasks, not {num_tasks}.")
+        prediction = self.model.predict(**model_inputs(inputs), reject_threshold=float("-inf"))
+        return prediction.task_ids.cpu(), prediction.label_ids.cpu()
 
     def parameter_counts(self, task_names: list[str]) -> dict[str, Any]:
         return {

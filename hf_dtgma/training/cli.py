@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from ..configuration_dtgma import HEAD_INPUTS, DTGMAConfig
+from ..configuration_dtgma import HEAD_INPUTS, ROUTERS, DTGMAConfig
 from ..strategies import build_strategy
 from .reporting import write_run_outputs
 from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
@@ -31,6 +31,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, hidden_size: int = 256)
     model.add_argument(
         "--head-input", choices=list(HEAD_INPUTS), default="task_tokens",
         help="what each task's head reads: its tokens' final state, or that plus the mean of the input tokens' states",
+    )
+    model.add_argument(
+        "--router", choices=list(ROUTERS), default="mahalanobis",
+        help="how the task is inferred when none is given (class-incremental evaluation, model.predict)",
     )
     return model
 
@@ -69,7 +73,7 @@ def model_config(args: argparse.Namespace, **fields: Any) -> DTGMAConfig:
     return DTGMAConfig(
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
         task_param_mode=args.task_param_mode, task_rank=args.task_rank, num_task_tokens=args.num_task_tokens,
-        shared_training=args.shared_training, head_input=args.head_input, **fields,
+        shared_training=args.shared_training, head_input=args.head_input, router=args.router, **fields,
     )
 
 

@@ -44,7 +44,32 @@ def results_markdown(results: dict) -> str:
     for i, row in enumerate(task_il["accuracy_matrix"]):
         cells = [_percent(value) for value in row] + [""] * (len(names) - len(row))
         lines.append(f"| {names[i]} | " + " | ".join(cells) + " |")
+    if "class_il" in results:
+        lines += ["", *routing_markdown(results)]
     return "\n".join(lines) + "\n"
+
+
+def routing_markdown(results: dict) -> list[str]:
+    """Class-incremental accuracy (no task id) and, where measured, each router and the out-of-scope rejection."""
+    routing, class_il = results.get("routing", {}), results["class_il"]
+    lines = [
+        f"Class-incremental (no task id; router `{routing.get('router')}`): average accuracy "
+        f"{_percent(class_il['average_accuracy'])}%, task identified {_percent(routing.get('task_accuracy', 0))}%, "
+        f"average forgetting {_percent(class_il['average_forgetting'])}.",
+    ]
+    splits = [split for split in ("validation", "test") if split in routing]
+    if splits:
+        lines += ["", "| router | " + " | ".join(f"task identified ({s}) | class-incremental ({s})" for s in splits) + " |",
+                  "|---|" + "---:|---:|" * len(splits)]
+        for router in routing[splits[0]]:
+            cells = [f"{_percent(routing[s][router]['task_accuracy'])}% | {_percent(routing[s][router]['class_il_accuracy'])}%" for s in splits]
+            lines.append(f"| {router} | " + " | ".join(cells) + " |")
+    if "out_of_scope" in routing:
+        oos, threshold = routing["out_of_scope"], routing["reject_threshold"]
+        lines += ["", f"Out of scope ({oos['examples']} inputs of no task): AUROC {oos['auroc']:.4f}; at the threshold "
+                  f"{threshold['value']:.3f} ({threshold['calibrated_on']}) {_percent(oos['rejected_at_threshold'])}% "
+                  "of them are rejected."]
+    return lines
 
 
 def plot_accuracy_matrix(matrix: list[list[float]], names: list[str], path: Path, title: str = "") -> None:

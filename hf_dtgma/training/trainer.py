@@ -86,6 +86,8 @@ class ContinualTrainingConfig:
         cpu: force the CPU even where a GPU is present.
         evaluation_split: the split each row of the accuracy matrix is measured on: "test" (default), or
             "validation" to compare settings without ever reading a test split.
+        class_incremental: also measure class-incremental accuracy after every task: no task id given, the whole
+            label space of the tasks seen so far (`ContinualStrategy.class_il_predict`; DTG-MA routes).
     """
 
     output_dir: str
@@ -102,6 +104,7 @@ class ContinualTrainingConfig:
     log_with: str | None = None
     cpu: bool = False
     evaluation_split: str = "test"
+    class_incremental: bool = True
 
     def __post_init__(self):
         if self.evaluation_split not in ("test", "validation"):
@@ -180,6 +183,8 @@ class _RunState:
     validation_accuracy: dict[str, float] = field(default_factory=dict)
     epochs_trained: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    class_il_matrix: list[list[float]] = field(default_factory=list)
+    task_identification: list[float] = field(default_factory=list)  # after each task, over all seen tasks
 
 
 class ContinualTrainer:
@@ -251,6 +256,10 @@ class ContinualTrainer:
             trained = time.perf_counter()
             split = self.config.evaluation_split
             row = [self._accuracy(j, getattr(tasks[j], split), split) for j in range(index + 1)]
+            if self.config.class_incremental:
+                scores = [self._class_il(j, getattr(tasks[j], split), split, index + 1) for j in range(index + 1)]
+                state.class_il_matrix.append([correct / total for correct, _, total in scores])
+                state.task_identification.append(sum(s[1] for s in scores) / sum(s[2] for s in scores))
             state.finished_tasks.append(task.name)
             state.accuracy_matrix.append(row)
             state.validation_accuracy[task.name] = best_accuracy
@@ -410,6 +419,31 @@ class ContinualTrainer:
     def _accuracy(self, task_index: int, dataset: Dataset, split: str = "evaluation") -> float:
         return self._evaluate(task_index, dataset, split)[0]
 
+    @torch.no_grad()
+    def _class_il(self, task_index: int, dataset: Dataset, split: str, num_tasks: int) -> tuple[int, int, int]:
+        """Class-incremental evaluation of task `task_index`'s `dataset` among tasks `0..num_tasks-1`, no task id
+        given: `(right labels, right tasks, examples)`. A label is right when its name is the true one (tasks that
+        share a label set count a right label predicted under another task as right)."""
+        accelerator = self.accelerator
+        name = f"task {self._tasks[task_index].name!r}'s {split} data"
+        loader = accelerator.prepare_data_loader(batch_loader(dataset, self.config.eval_batch_size, name=name))
+        labels = [task.labels for task in self._tasks[:num_tasks]]
+        self.model.eval()
+        right_labels, right_tasks, total = 0, 0, 0
+        with explain_out_of_memory(f"evaluating {name}", f"--eval-batch-size (now {self.config.eval_batch_size})"):
+            for batch in loader:
+                with accelerator.autocast():
+                    tasks, predicted = self.strategy.class_il_predict(model_inputs(batch), num_tasks)
+                tasks, predicted, truth = accelerator.gather_for_metrics(
+                    (tasks.to(accelerator.device), predicted.to(accelerator.device), batch["labels"])
+                )
+                right_tasks += int((tasks == task_index).sum())
+                true_names = [labels[task_index][c] for c in truth.tolist()]
+                predicted_names = [labels[t][c] for t, c in zip(tasks.tolist(), predicted.tolist())]
+                right_labels += sum(a == b for a, b in zip(predicted_names, true_names))
+                total += truth.numel()
+        return right_labels, right_tasks, total
+
     # ------------------------------------------------------------- checkpoints
 
     def _save_checkpoint(self, state: _RunState) -> None:
@@ -483,8 +517,20 @@ class ContinualTrainer:
 
     def _results(self, state: _RunState, tasks: list[ContinualTask]) -> dict:
         names = [task.name for task in tasks]
+        class_il = {}
+        if state.class_il_matrix:
+            router = getattr(self.model.config, "router", None) if isinstance(self.model, DTGMAModel) else None
+            class_il = {
+                "class_il": summarize(state.class_il_matrix, names),
+                "routing": {
+                    "router": router or "argmax over all seen heads",
+                    "task_accuracy": state.task_identification[-1],
+                    "task_accuracy_after_each_task": state.task_identification,
+                },
+            }
         return {
             "task_il": summarize(state.accuracy_matrix, names),
+            **class_il,
             "validation_accuracy": state.validation_accuracy,
             "epochs_trained": state.epochs_trained,
             "seconds": state.seconds,

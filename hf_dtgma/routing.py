@@ -1,0 +1,248 @@
+"""Task-identity inference: which task an input belongs to, when no task id is given.
+
+DTG-MA needs the task to pick the task's tokens and head. Without it, `DTGMAModel.predict` runs every task in one
+pass and a router picks the task (and so the class). Everything a router uses belongs to one task and is written once,
+when the task finishes (`fit_task_router`, called by `ContinualTrainer`): later tasks never change it, so routing
+keeps the isolation of finished tasks. Two routers and their combination (`DTGMAConfig.router`):
+
+* `"mahalanobis"`: a Gaussian per class over the frozen, mean-pooled input features (`DTGMAModel.router_features`),
+  with the task's class means and its own within-class covariance, stored as its top `router_rank` eigenvectors plus
+  one isotropic variance (probabilistic PCA); the task's score is its best class's log-likelihood;
+* `"energy"`: the log-sum-exp of the task head's logits, standardised by its mean and spread on the task's own
+  validation data;
+* `"combined"`: the sum of the two standardised scores.
+
+The functions here fit the statistics, evaluate the routers and calibrate the out-of-scope threshold; scoring lives in
+the modeling file, so a model loaded with `trust_remote_code=True` routes without this package.
+
+Example:
+
+```python
+>>> from hf_dtgma.routing import fit_task_router, evaluate_routing
+>>> fit_task_router(model, "banking", train_split, validation_split)   # once, when "banking" has finished
+>>> evaluate_routing(model, [(task.name, task.validation) for task in tasks], labels)["mahalanobis"]
+{'task_accuracy': 0.979, 'class_il_accuracy': 0.948}
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from datasets import Dataset
+
+from .batches import batch_loader
+from .configuration_dtgma import ROUTERS
+from .modeling_dtgma import DTGMAModel
+
+if TYPE_CHECKING:
+    from .training.trainer import ContinualTask
+
+# Floor of the covariance eigenvalues, relative to their mean: constant feature directions (an image's always-black
+# border) would otherwise get a zero variance and an infinite log-likelihood.
+_VARIANCE_FLOOR = 1e-4
+
+
+def _batches(model: DTGMAModel, dataset: Dataset, batch_size: int, name: str):
+    device = model.input_proj.weight.device
+    for batch in batch_loader(dataset, batch_size, name=name):
+        yield {key: value.to(device) for key, value in batch.items()}
+
+
+def _features(model: DTGMAModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.router_features(batch.get("inputs_embeds"), batch.get("attention_mask"), batch.get("pixel_values"))
+
+
+@torch.no_grad()
+def fit_task_router(
+    model: DTGMAModel, task: str | int, train: Dataset, validation: Dataset, batch_size: int = 256
+) -> None:
+    """Fit task `task`'s routing statistics (`DTGMATaskRouter`) from its own splits; touches nothing else.
+
+    Class means and the within-class covariance come from `train` (the cached features or images, no augmentation);
+    the mean and spread of the task's Mahalanobis score and head energy, from `validation`. Deterministic: every
+    process of a distributed run computes the same statistics from the whole splits.
+
+    Args:
+        model: the model holding the task (its head is read for the energy statistics).
+        task: the task's name or id.
+        train / validation: the task's splits, with `label` and `features` (token features) or `pixel_values`.
+        batch_size: examples per pass.
+    """
+    index = task if isinstance(task, int) else model.task_index(task)
+    name = model.tasks[index]
+    router = model.task_adapters[index].router
+    num_labels = router.class_means.shape[0]
+    width, rank = router.basis.shape
+    # Class sums and the uncentred second moment in float64, then the within-class scatter from them.
+    sums = torch.zeros(num_labels, width, dtype=torch.float64)
+    counts = torch.zeros(num_labels, dtype=torch.float64)
+    second = torch.zeros(width, width, dtype=torch.float64)
+    for batch in _batches(model, train, batch_size, f"task {name!r}'s training data"):
+        x = _features(model, batch).double().cpu()
+        labels = batch["labels"].cpu()
+        sums.index_add_(0, labels, x)
+        counts += torch.bincount(labels, minlength=num_labels).double()
+        second += x.T @ x
+    missing = [model.task_labels(name)[c] for c in (counts == 0).nonzero().flatten().tolist()]
+    if missing:
+        raise ValueError(f"Task {name!r}: no training example of labels {missing}, so they cannot be routed to.")
+    means = sums / counts[:, None]
+    scatter = (second - (means.T * counts) @ means) / counts.sum()
+    variances, vectors = torch.linalg.eigh((scatter + scatter.T) / 2)  # ascending
+    variances = variances.flip(0).clamp(min=_VARIANCE_FLOOR * max(variances.mean().item(), 1e-12))
+    vectors = vectors.flip(1)
+    # With fewer feature dimensions or examples than `router_rank`, the directions past `kept` keep a zero basis
+    # vector and the residual variance: they change nothing.
+    kept = max(0, min(rank, width - 1, int(counts.sum()) - num_labels))
+    residual = variances[kept:].mean()
+    basis = torch.zeros(width, rank, dtype=torch.float64)
+    basis[:, :kept] = vectors[:, :kept]
+    basis_variances = torch.full((rank,), residual.item(), dtype=torch.float64)
+    basis_variances[:kept] = variances[:kept]
+    log_det = variances[:kept].log().sum() + (width - kept) * residual.log()
+
+    target = router.class_means
+    router.class_means.copy_(means.to(target))
+    router.basis.copy_(basis.to(target))
+    router.basis_variances.copy_(basis_variances.to(target))
+    router.residual_variance.copy_(residual.to(target))
+    router.log_det.copy_(log_det.to(target))
+
+    likelihood, energy = [], []
+    was_training = model.training
+    model.eval()
+    for batch in _batches(model, validation, batch_size, f"task {name!r}'s validation data"):
+        inputs = {key: value for key, value in batch.items() if key not in ("labels", "task_ids")}
+        logits = model(**inputs, task_ids=index).logits
+        energy.append(torch.logsumexp(logits.float(), dim=-1).cpu())
+        likelihood.append(model.class_log_likelihoods(_features(model, batch), tasks=[index]).amax(-1)[:, 0].cpu())
+    model.train(was_training)
+    stats = []
+    for values in (torch.cat(likelihood), torch.cat(energy)):
+        stats += [values.mean(), values.std(unbiased=False).clamp(min=1e-6)]
+    router.score_stats.copy_(torch.stack(stats).to(target))
+
+
+@torch.no_grad()
+def evaluate_routing(
+    model: DTGMAModel,
+    splits: Sequence[tuple[int, Dataset]],
+    routers: Sequence[str] = ROUTERS,
+    batch_size: int = 256,
+) -> dict[str, dict[str, float]]:
+    """Task-identification and class-incremental accuracy of each router over `splits`: `(task id, data set)` pairs,
+    the data set labelled within its task. A prediction is correct when its label name equals the true one (two tasks
+    that share a label set, as Amazon and Yelp reviews do, count a right label in the wrong task as correct).
+    Returns `{router: {"task_accuracy", "class_il_accuracy"}}`."""
+    counts = {router: [0, 0] for router in routers}
+    total = 0
+    for true_task, dataset in splits:
+        labels = model.task_labels(model.tasks[true_task])
+        for batch in _batches(model, dataset, batch_size, f"task {model.tasks[true_task]!r}'s data"):
+            features, logits = _features(model, batch), _all_task_logits(model, batch)
+            for router in routers:
+                routing, _ = model.task_scores(features, logits, router)
+                tasks = routing.argmax(-1)
+                predicted = logits[torch.arange(len(tasks)), tasks].argmax(-1)
+                names = [model.config.tasks[t]["labels"][c] for t, c in zip(tasks.tolist(), predicted.tolist())]
+                truth = [labels[c] for c in batch["labels"].tolist()]
+                counts[router][0] += int((tasks == true_task).sum())
+                counts[router][1] += sum(a == b for a, b in zip(names, truth))
+            total += len(batch["labels"])
+    return {r: {"task_accuracy": c[0] / total, "class_il_accuracy": c[1] / total} for r, c in counts.items()}
+
+
+def _all_task_logits(model: DTGMAModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "task_ids")}
+    was_training = model.training
+    model.eval()
+    try:
+        return model(**inputs).logits
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def reject_scores(model: DTGMAModel, dataset: Dataset, router: str | None = None, batch_size: int = 256) -> torch.Tensor:
+    """`(len(dataset),)` standardised scores of the inferred task (`DTGMAPrediction.scores`): low = out of scope.
+    `dataset` needs `features` or `pixel_values`; a `label` column is not read (give out-of-scope data label 0)."""
+    scores = []
+    for batch in _batches(model, dataset, batch_size, "the data to score"):
+        routing, standardised = model.task_scores(_features(model, batch), _all_task_logits(model, batch), router)
+        scores.append(standardised.gather(1, routing.argmax(-1, keepdim=True))[:, 0].cpu())
+    return torch.cat(scores)
+
+
+def calibrate_reject_threshold(
+    model: DTGMAModel, validation: Sequence[Dataset], accept: float = 0.95, router: str | None = None
+) -> float:
+    """Set and return `model.config.reject_threshold`: the score that `accept` of the in-scope `validation` examples
+    (every task's validation split) reach, so out-of-scope rejection is calibrated without any out-of-scope data."""
+    if not 0.0 < accept <= 1.0:
+        raise ValueError(f"`accept` is the fraction of in-scope inputs to keep, in (0, 1]; got {accept}.")
+    scores = torch.cat([reject_scores(model, dataset, router) for dataset in validation])
+    threshold = float(torch.quantile(scores.double(), 1.0 - accept))
+    model.config.reject_threshold = threshold
+    return threshold
+
+
+def auroc(in_scope: torch.Tensor, out_of_scope: torch.Tensor) -> float:
+    """Area under the ROC curve of telling `in_scope` scores (should be high) from `out_of_scope` ones: the
+    probability that a random in-scope score beats a random out-of-scope one (ties count half)."""
+    if len(in_scope) == 0 or len(out_of_scope) == 0:
+        raise ValueError("AUROC needs at least one in-scope and one out-of-scope score.")
+    scores = torch.cat([in_scope.double(), out_of_scope.double()])
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    for value in scores.unique():  # average ranks of ties
+        tied = scores == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    n_in, n_out = len(in_scope), len(out_of_scope)
+    return float((ranks[:n_in].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
+
+
+
+
+def routing_report(
+    model: DTGMAModel,
+    tasks: Sequence[ContinualTask],
+    out_of_scope: Dataset | None = None,
+    accept: float = 0.95,
+    evaluation_split: str = "test",
+) -> dict:
+    """Everything about task-agnostic inference of a trained model, as a JSON-ready dict:
+
+    * `validation` / `<evaluation_split>`: `evaluate_routing` of every router over those splits of all tasks (the
+      router is chosen on validation; the other split is only reported);
+    * `reject_threshold`: calibrated on the validation splits (`accept` of in-scope inputs kept) and set on the
+      model, with the fraction of in-scope `evaluation_split` inputs it keeps;
+    * with `out_of_scope` (inputs of no task, e.g. CLINC150's `oos` test sentences): the AUROC of the reject score
+      against the in-scope `evaluation_split` inputs and the fraction of them rejected at the threshold.
+    """
+    def splits(split: str) -> list[tuple[int, Dataset]]:
+        return [(index, getattr(task, split)) for index, task in enumerate(tasks)]
+
+    report = {
+        "router": model.config.router,
+        "validation": evaluate_routing(model, splits("validation")),
+        evaluation_split: evaluate_routing(model, splits(evaluation_split)),
+    }
+    threshold = calibrate_reject_threshold(model, [task.validation for task in tasks], accept)
+    in_scope = torch.cat([reject_scores(model, task_split) for _, task_split in splits(evaluation_split)])
+    report["reject_threshold"] = {
+        "value": threshold, "calibrated_on": f"validation, {accept:.0%} of in-scope inputs kept",
+        f"in_scope_kept_{evaluation_split}": float((in_scope >= threshold).double().mean()),
+    }
+    if out_of_scope is not None:
+        outside = reject_scores(model, out_of_scope)
+        report["out_of_scope"] = {
+            "examples": len(outside),
+            "auroc": auroc(in_scope, outside),
+            "rejected_at_threshold": float((outside < threshold).double().mean()),
+        }
+    return report
