@@ -125,7 +125,7 @@ def variants(args, method: str) -> list[tuple[str, dict]]:
 
 def run_settings(args, run_args, method: str, seed: int, hyperparameters: dict) -> dict:
     """What determines a run's result: a cached run is reused only when these match."""
-    training = {name: getattr(run_args, name) for name in ("epochs", "patience", "batch_size", "lr", "weight_decay", "evaluate_on")}
+    training = {name: getattr(run_args, name) for name in ("epochs", "patience", "batch_size", "lr", "weight_decay", "label_smoothing", "evaluate_on")}
     model = {name: getattr(run_args, name) for name in ("hidden_size", "num_layers", "num_heads", "task_rank", "num_task_tokens", "head_input", "router")}
     data = {name: getattr(run_args, name, None) for name in ("data_dir", "num_tasks", "split_seed", "order", "train_per_task", "layer")}
     return {

@@ -11,7 +11,7 @@ from conftest import DIM, synthetic_tasks
 from hf_dtgma import DTGMAConfig
 from hf_dtgma.batches import batch_loader
 from hf_dtgma.strategies import STRATEGIES, build_strategy
-from hf_dtgma.strategies.base import UpdateMask, model_inputs
+from hf_dtgma.strategies.base import ContinualStrategy, UpdateMask, model_inputs
 from hf_dtgma.strategies.joint import with_task_ids
 from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
 
@@ -251,3 +251,18 @@ def test_dtgma_full_has_more_parameters_per_task_than_dtgma():
         strategy.begin_task(0, tasks)
         counts[name] = strategy.parameter_counts(["task0"])["per_task"]["task0"]
     assert counts["dtgma"] < counts["dtgma_full"]
+
+
+def test_label_smoothing_spreads_mass_over_each_rows_own_labels_only():
+    strategy = ContinualStrategy()
+    logits = torch.tensor([[2.0, 0.0, float("-inf")], [0.5, 1.0, -1.0]])  # row 0's task has two labels
+    labels = torch.tensor([0, 2])
+    plain = F.cross_entropy(logits, labels)
+    assert torch.equal(strategy.classification_loss(logits, labels), plain)
+    strategy.label_smoothing = 0.1
+    smoothed = strategy.classification_loss(logits, labels)
+    log_p = torch.log_softmax(logits, dim=-1)
+    row0 = 0.9 * -log_p[0, 0] + 0.1 * -(log_p[0, 0] + log_p[0, 1]) / 2  # the -inf label gets nothing
+    row1 = 0.9 * -log_p[1, 2] + 0.1 * -log_p[1].mean()
+    torch.testing.assert_close(smoothed, (row0 + row1) / 2)
+    assert torch.isfinite(smoothed)

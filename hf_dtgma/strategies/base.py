@@ -61,6 +61,19 @@ class ContinualStrategy:
     supports_checkpoints: ClassVar[bool] = False
     supports_distributed: ClassVar[bool] = False
     module: nn.Module
+    label_smoothing: float = 0.0  # set by the trainer from `ContinualTrainingConfig.label_smoothing`
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of `logits` `(B, L)` against `labels` `(B,)` with `label_smoothing` spread over each row's
+        own labels only: `-inf` logits (labels a row's task lacks) get no smoothing mass."""
+        logits = logits.float()
+        if not self.label_smoothing:
+            return F.cross_entropy(logits, labels)
+        log_probs = F.log_softmax(logits, dim=-1)
+        real = torch.isfinite(logits)
+        uniform = -(log_probs.masked_fill(~real, 0.0).sum(-1) / real.sum(-1))
+        nll = -log_probs.gather(1, labels[:, None])[:, 0]
+        return ((1 - self.label_smoothing) * nll + self.label_smoothing * uniform).mean()
 
     def begin_task(self, index: int, tasks: list[ContinualTask]) -> None:
         raise NotImplementedError
@@ -131,7 +144,7 @@ class SharedEncoderStrategy(ContinualStrategy):
         """Cross-entropy of `model` (default: the network) on the batch, each row on its own task's head."""
         task_ids = batch.get("task_ids", index)
         logits = (model or self.network)(**model_inputs(batch), task_ids=task_ids)
-        return F.cross_entropy(logits.float(), batch["labels"])
+        return self.classification_loss(logits, batch["labels"])
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
         return self.task_loss(batch, index, model)

@@ -56,7 +56,7 @@ class DERPPStrategy(SharedEncoderStrategy):
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
         logits = self.network(**model_inputs(batch), task_ids=index)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        loss = self.classification_loss(logits, batch["labels"])
         if self.buffer:
             size = len(batch["labels"])
             replay, stored = self._replay_batch(size)
@@ -70,7 +70,7 @@ class DERPPStrategy(SharedEncoderStrategy):
             replay, stored = self._replay_batch(size)
             task_ids = torch.tensor([example.task for example in stored], device=loss.device)
             labels = torch.tensor([example.label for example in stored], device=loss.device)
-            replayed = F.cross_entropy(self.network(**replay, task_ids=task_ids).float(), labels)
+            replayed = self.classification_loss(self.network(**replay, task_ids=task_ids), labels)
             loss = loss + self.config.alpha * matching / len(stored) + self.config.beta * replayed
         self._store(batch, logits.detach(), index)
         return loss

@@ -46,7 +46,9 @@ class DTGMAStrategy(ContinualStrategy):
         self.model.add_task(tasks[index].name, labels=tasks[index].labels)
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
-        return model(**batch, task_ids=index).loss
+        if not self.label_smoothing:
+            return model(**batch, task_ids=index).loss  # the model's own (checked) cross-entropy
+        return self.classification_loss(model(**model_inputs(batch), task_ids=index).logits, batch["labels"])
 
     def end_task(self, index: int, tasks: list, retrain: Retrain) -> None:
         """Freeze the task, then fit its routing statistics (`hf_dtgma.routing`) from its own splits."""

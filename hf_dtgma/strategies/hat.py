@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -125,7 +124,7 @@ class HATStrategy(SharedEncoderStrategy):
             regularizer = used / sum(value.sum() for value in free.values())
         else:
             regularizer = sum(gate.sum() for gate in gates.values()) / sum(gate.numel() for gate in gates.values())
-        return F.cross_entropy(logits.float(), batch["labels"]) + self.config.regularization * regularizer
+        return self.classification_loss(logits, batch["labels"]) + self.config.regularization * regularizer
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

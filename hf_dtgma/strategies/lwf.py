@@ -47,7 +47,7 @@ class LwFStrategy(SharedEncoderStrategy):
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
         inputs = model_inputs(batch)
         pooled = self.network.encode(**inputs)
-        loss = F.cross_entropy(self.network.head_logits(pooled, index).float(), batch["labels"])
+        loss = self.classification_loss(self.network.head_logits(pooled, index), batch["labels"])
         if self.teacher is None or index == 0:
             return loss
         with torch.no_grad():

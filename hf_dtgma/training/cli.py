@@ -52,6 +52,10 @@ def add_training_arguments(
     )
     training.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (chosen on validation)")
     training.add_argument("--weight-decay", type=float, default=0.01)
+    training.add_argument(
+        "--label-smoothing", type=float, default=None,
+        help="share of each training target spread over the task's other labels (default: the script's, else 0)",
+    )
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     training.add_argument(
@@ -101,8 +105,8 @@ def train_continually(
         build_strategy(method, config, **(hyperparameters or {})),
         ContinualTrainingConfig(
             output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
-            eval_batch_size=args.eval_batch_size, learning_rate=args.lr,
-            weight_decay=args.weight_decay, patience=args.patience, seed=args.seed, log_with=args.log_with,
+            eval_batch_size=args.eval_batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
+            label_smoothing=args.label_smoothing or 0.0, patience=args.patience, seed=args.seed, log_with=args.log_with,
             evaluation_split=evaluation_split or args.evaluate_on,
         ),
         accelerator=accelerator,

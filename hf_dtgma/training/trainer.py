@@ -86,6 +86,7 @@ class ContinualTrainingConfig:
         cpu: force the CPU even where a GPU is present.
         evaluation_split: the split each row of the accuracy matrix is measured on: "test" (default), or
             "validation" to compare settings without ever reading a test split.
+        label_smoothing: spread this much of each training target over the task's other labels (every method alike).
         class_incremental: also measure class-incremental accuracy after every task: no task id given, the whole
             label space of the tasks seen so far (`ContinualStrategy.class_il_predict`; DTG-MA routes).
     """
@@ -104,11 +105,14 @@ class ContinualTrainingConfig:
     log_with: str | None = None
     cpu: bool = False
     evaluation_split: str = "test"
+    label_smoothing: float = 0.0
     class_incremental: bool = True
 
     def __post_init__(self):
         if self.evaluation_split not in ("test", "validation"):
             raise ValueError(f"`evaluation_split` must be 'test' or 'validation', got {self.evaluation_split!r}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r} (0.1 is usual).")
 
 
 def make_accelerator(
@@ -242,6 +246,7 @@ class ContinualTrainer:
         if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:
             raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
         self._remove_interrupted_writes()
+        self.strategy.label_smoothing = self.config.label_smoothing
         accelerator = self.accelerator
         if self.config.log_with:
             accelerator.init_trackers("hf_dtgma", config=asdict(self.config))
