@@ -23,6 +23,7 @@ from .backbones import DeferredTextBackbone, TextBackbone
 from .errors import explain_out_of_memory
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("HF_DTGMA_CACHE", Path.home() / ".cache" / "hf_dtgma")) / "features"
+SORTED_RUN = 32  # `sort_by_length`: batches sorted together (their features are held in memory until written)
 
 
 def features_fingerprint(backbone: TextBackbone | DeferredTextBackbone, texts: list[str]) -> str:
@@ -40,6 +41,7 @@ def cache_features(
     text_column: str = "text",
     batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
+    sort_by_length: bool = False,
 ) -> Dataset:
     """Add a `features` column (float16 `(n_real_tokens, D)` per example) computed by `backbone`, cached on disk.
 
@@ -48,6 +50,9 @@ def cache_features(
         backbone: the frozen text backbone.
         batch_size: texts per backbone call.
         cache_dir: where the Arrow files live (default `~/.cache/hf_dtgma/features`, or `$HF_DTGMA_CACHE/features`).
+        sort_by_length: call the backbone on texts of similar length (less padding): each run of `SORTED_RUN`
+            batches is encoded in order of text length (characters). The features are stored in data order either
+            way, and equal up to the rounding that a batch's padding can change (as with another `batch_size`).
 
     Returns:
         `dataset` with the extra `features` column. A second call with the same backbone, length and texts loads
@@ -68,12 +73,22 @@ def cache_features(
         real = mask.bool().cpu().numpy()
         return {"features": [np.ascontiguousarray(h[row]) for h, row in zip(hidden, real)]}
 
+    def encode_sorted(batch: dict) -> dict:
+        texts = batch[text_column]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        features = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            for row, feature in zip(rows, encode({text_column: [texts[i] for i in rows]})["features"]):
+                features[row] = feature
+        return {"features": features}
+
     lower = f"the feature batch size (--feature-batch-size, now {batch_size}) or --max-length ({backbone.max_length})"
     with explain_out_of_memory(f"computing backbone features with {backbone.name}", lower):
         return dataset.map(
-            encode,
+            encode_sorted if sort_by_length else encode,
             batched=True,
-            batch_size=batch_size,
+            batch_size=batch_size * SORTED_RUN if sort_by_length else batch_size,
             features=features,
             cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
             new_fingerprint=fingerprint,

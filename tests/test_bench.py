@@ -1,0 +1,117 @@
+"""scripts/bench.py: a quick run writes every requested measurement (JSON and Markdown); its helpers; and the feature
+cache's `sort_by_length` switch, which changes the backbone's batches, not the stored features (up to float16
+rounding)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+
+from conftest import WORDS, tiny_qwen
+from hf_dtgma.backbones import TextBackbone
+from hf_dtgma.features import cache_features
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMED = (4, 5, 6, 7)
+
+
+def import_bench():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    return bench
+
+
+def test_quick_run_reports_every_requested_measurement(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "4,5,6,7,8", "--repeats", "2",
+        "--output-dir", str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["settings"]["quick"] and report["settings"]["repeats"] == 2
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] and "gpu" in report["machine"]
+    rows = {row["measurement"]: row for row in report["measurements"]}
+    assert sorted(rows) == [4, 5, 6, 7, 8]
+    for number, row in rows.items():
+        assert isinstance(row["pass"], bool) and row["ratio"] > 0 and row["target"].startswith(("≤", "≥"))
+        if number in TIMED:
+            for timing in (row["value"], row["baseline"]):
+                assert timing["repeats"] == 2 and 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+    assert set(rows[5]["details"]) == {"T=5", "T=20", "T=50"}
+    assert rows[7]["details"]["shared_frozen"]["median_s"] > 0
+    assert rows[8]["baseline"] == 1_577_472 and rows[8]["ratio"] == rows[8]["value"] / 1_577_472
+
+    table = [line for line in (tmp_path / "out" / "bench.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| # | measurement | value | baseline | ratio | target | pass |")
+    assert [int(line.split("|")[1]) for line in table[1:]] == [4, 5, 6, 7, 8]
+    assert all(line.endswith(("| pass |", "| FAIL |")) for line in table[1:])
+
+
+def test_timing_summaries_and_targets():
+    bench = import_bench()
+    assert bench.summarize([3.0, 1.0, 2.0, 10.0]) == {"median_s": 2.5, "min_s": 1.0, "max_s": 10.0, "repeats": 4}
+    at_most, at_least = bench.Target("a / b", 1.25), bench.Target("a / b", 2.5, at_least=True)
+    assert at_most.passes(1.25) and not at_most.passes(1.26) and at_most.text() == "≤ 1.25×"
+    assert at_least.passes(2.5) and not at_least.passes(2.49) and at_least.text() == "≥ 2.5×"
+    assert bench.parse_only("6, 4,4") == [4, 6]
+    calls = []
+    timings = bench.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, device=bench.torch.device("cpu"),
+        calls=2, warmup=1,
+    )
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then the candidates in turn
+    assert timings["a"]["repeats"] == timings["b"]["repeats"] == 3
+
+
+def test_measurements_that_need_data_are_skipped_without_it(tmp_path):
+    bench = import_bench()
+    args = bench.parse_args(["--only", "2,8", "--output-dir", str(tmp_path), "--device", "cpu"])
+    rows = bench.run_measurements(args, tmp_path)
+    assert rows[0]["measurement"] == 2 and "--data-dir" in rows[0]["skipped"] and rows[0]["pass"] is None
+    assert rows[1]["measurement"] == 8 and rows[1]["pass"] is True
+    report = {"command": "bench", "settings": {**vars(args), "dtype": args.dtype_name, "device": "cpu"},
+              "machine": bench.describe_machine(args.device), "measurements": rows}
+    assert "| 2 | feature extraction: length-sorted vs data-order batches | skipped |" in bench.markdown(report)
+
+
+class RecordingBackbone(TextBackbone):
+    """Records the texts of every backbone call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches = []
+
+    def encode(self, texts):
+        self.batches.append(list(texts))
+        return super().encode(texts)
+
+
+def test_sorting_by_length_changes_the_batches_not_the_features(tmp_path):
+    model, tokenizer = tiny_qwen()
+    texts = [" ".join(WORDS[: 1 + (7 * i) % len(WORDS)]) for i in range(12)]  # lengths out of order
+    data = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(12)]})
+    stored = {}
+    for sort_by_length in (False, True):
+        backbone = RecordingBackbone(model, tokenizer, name="tiny-qwen2", max_length=16)
+        cached = cache_features(
+            data, backbone, batch_size=3, cache_dir=tmp_path / str(sort_by_length), sort_by_length=sort_by_length
+        )
+        stored[sort_by_length] = cached.with_format("numpy")["features"]
+        assert sorted(text for batch in backbone.batches for text in batch) == sorted(texts)
+        assert all(len(batch) == 3 for batch in backbone.batches)
+        lengths = [len(text) for batch in backbone.batches for text in batch]
+        assert (lengths == sorted(lengths)) == sort_by_length
+    # Stored in data order, and equal up to the float16 rounding a batch's padding can move (as another batch size
+    # does): a few values one float16 step apart, none further.
+    assert len(stored[True]) == len(stored[False]) == 12
+    in_order, by_length = np.concatenate(list(stored[False])), np.concatenate(list(stored[True]))
+    assert in_order.shape == by_length.shape and (in_order == by_length).mean() > 0.99
+    np.testing.assert_allclose(by_length.astype(np.float32), in_order.astype(np.float32), rtol=1e-3, atol=1e-3)
