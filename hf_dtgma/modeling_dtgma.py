@@ -45,7 +45,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import CONFIG_NAME, ModelOutput
 
-from .configuration_dtgma import DTGMAConfig
+from .configuration_dtgma import ROUTERS, DTGMAConfig
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -119,6 +119,12 @@ def _by_group(tensors: list[torch.Tensor], task_ids: torch.Tensor | None) -> tor
     sums a task's per-row gradients in a thread-dependent order on CPU, so training would not be repeatable."""
     stacked = torch.stack(tensors)
     return stacked[None] if task_ids is None else stacked.index_select(0, task_ids)[:, None]
+
+
+def masked_mean(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` `(B, N, D)` over the positions where `attention_mask` `(B, N)` is 1: `(B, D)`, in `x`'s dtype."""
+    weights = attention_mask.to(x.device, x.dtype)[:, :, None]  # (B, N, 1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def check_finite(values: torch.Tensor, name: str) -> None:
@@ -707,8 +713,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
         task_states = task_x.mean(dim=2)  # (B, G, D)
         if self.config.head_input == "task_tokens+inputs":
-            real = attention_mask.to(input_x.dtype)[:, :, None]  # (B, N, 1)
-            task_states = task_states + ((input_x * real).sum(dim=1) / real.sum(dim=1))[:, None]
+            task_states = task_states + masked_mean(input_x, attention_mask)[:, None]
         logits = self._heads(task_states, task_ids)  # (B, G, L_max)
         if task_ids is not None:
             logits, task_states = logits[:, 0], task_states[:, 0]
@@ -738,9 +743,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
             return pixel_values.flatten(1).float()
         if inputs_embeds is None:
             raise ValueError("Pass `inputs_embeds` (token features) to route them.")
-        real = (attention_mask if attention_mask is not None else torch.ones(inputs_embeds.shape[:2]))
-        real = real.to(inputs_embeds.device, torch.float32)[:, :, None]  # (B, N, 1)
-        return (inputs_embeds.float() * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2])
+        return masked_mean(inputs_embeds.float(), attention_mask)
 
     def _routers(self, tasks: list[int] | None = None) -> list[DTGMATaskRouter]:
         if not self.task_adapters:
@@ -786,8 +791,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
         `routing` score is the inferred task, and `standardised` is each task's score in units of the spread of that
         score on the task's own validation data (what `reject_threshold` is compared with)."""
         router = router or self.config.router
-        if router not in ("mahalanobis", "energy", "combined"):
-            raise ValueError(f"`router` must be 'mahalanobis', 'energy' or 'combined', got {router!r}.")
+        if router not in ROUTERS:
+            raise ValueError(f"`router` must be one of {ROUTERS}, got {router!r}.")
         stats = torch.stack([r.score_stats.float() for r in self._routers()])  # (T, 4)
         likelihood = self.class_log_likelihoods(features).amax(dim=-1)  # (B, T)
         energy = torch.logsumexp(logits.float(), dim=-1)  # (B, T)

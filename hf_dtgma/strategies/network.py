@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_dtgma import DTGMAConfig
-from ..modeling_dtgma import DTGMALayer, DTGMATaskHead, PatchEmbedder
+from ..modeling_dtgma import DTGMALayer, DTGMATaskHead, PatchEmbedder, masked_mean
 
 PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -100,8 +100,7 @@ class MultiHeadEncoder(nn.Module):
         mask = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~real, float("-inf"))[:, None, None]
         for layer in self.layers:
             x = layer(x, mask)
-        weights = real.to(x.dtype)[..., None]
-        return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return masked_mean(x, real)
 
     def classify(self, pooled: torch.Tensor, task_ids: int | torch.Tensor) -> torch.Tensor:
         """Pooled states `(B, D)` → logits: `(B, L_t)` of head `task_ids` (an int), or `(B, L_max)` with each row's

@@ -37,6 +37,7 @@ from ..batches import batch_loader
 from ..errors import TrainingDivergedError, explain_out_of_memory
 from ..files import read_json, write_json_atomic
 from ..modeling_dtgma import DTGMAModel
+from ..routing import right_labels
 from ..strategies.base import ContinualStrategy, model_inputs
 from ..strategies.dtgma import DTGMAStrategy
 from .metrics import summarize
@@ -434,7 +435,7 @@ class ContinualTrainer:
         loader = accelerator.prepare_data_loader(batch_loader(dataset, self.config.eval_batch_size, name=name))
         labels = [task.labels for task in self._tasks[:num_tasks]]
         self.model.eval()
-        right_labels, right_tasks, total = 0, 0, 0
+        right, right_tasks, total = 0, 0, 0
         with explain_out_of_memory(f"evaluating {name}", f"--eval-batch-size (now {self.config.eval_batch_size})"):
             for batch in loader:
                 with accelerator.autocast():
@@ -443,11 +444,9 @@ class ContinualTrainer:
                     (tasks.to(accelerator.device), predicted.to(accelerator.device), batch["labels"])
                 )
                 right_tasks += int((tasks == task_index).sum())
-                true_names = [labels[task_index][c] for c in truth.tolist()]
-                predicted_names = [labels[t][c] for t, c in zip(tasks.tolist(), predicted.tolist())]
-                right_labels += sum(a == b for a, b in zip(predicted_names, true_names))
+                right += right_labels(labels, tasks, predicted, task_index, truth)
                 total += truth.numel()
-        return right_labels, right_tasks, total
+        return right, right_tasks, total
 
     # ------------------------------------------------------------- checkpoints
 
