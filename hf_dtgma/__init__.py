@@ -3,11 +3,11 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dtgma import DTGMAConfig
-from .modeling_dtgma import DTGMAModel, DTGMAOutput
+from .modeling_dtgma import DTGMAInputStream, DTGMAModel, DTGMAOutput
 
 __version__ = "0.1.0"
 
 AutoConfig.register(DTGMAConfig.model_type, DTGMAConfig, exist_ok=True)
 AutoModel.register(DTGMAConfig, DTGMAModel, exist_ok=True)
 
-__all__ = ["DTGMAConfig", "DTGMAModel", "DTGMAOutput", "__version__"]
+__all__ = ["DTGMAConfig", "DTGMAInputStream", "DTGMAModel", "DTGMAOutput", "__version__"]

@@ -21,6 +21,7 @@ dependencies safetensors / huggingface_hub) and ``.configuration_dtgma``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -84,8 +85,33 @@ class DTGMAOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive key mask `(B, 1, 1, N)` from `attention_mask` `(B, N)`: 0 on real tokens, -inf on padding."""
+    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
+
+
+@functools.lru_cache(maxsize=64)
+def _task_block(num_task_groups: int, tokens_per_task: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`(G·n, G·n)` additive mask among task tokens: 0 within a task's own tokens, -inf across tasks. Built once per
+    shape (cached; callers only read it)."""
+    group = torch.arange(num_task_groups * tokens_per_task, device=device) // tokens_per_task
+    return torch.zeros(group.shape * 2, dtype=dtype, device=device).masked_fill_(group[:, None] != group[None, :], float("-inf"))
+
+
+def task_rows_mask(
+    num_task_groups: int, tokens_per_task: int, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The task rows of the task-graph mask, `(B, 1, G·n, G·n + N)`: task t's tokens read their own task's tokens and
+    the real input tokens. (See `task_graph_mask` for the whole mask.)"""
+    batch = attention_mask.shape[0]
+    rows = num_task_groups * tokens_per_task
+    block = _task_block(num_task_groups, tokens_per_task, attention_mask.device, dtype).expand(batch, 1, rows, rows)
+    return torch.cat([block, padding_mask(attention_mask, dtype).expand(-1, -1, rows, -1)], dim=-1)
+
+
 def task_graph_mask(num_task_groups: int, tokens_per_task: int, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Additive task-graph mask over ``[task tokens; input tokens]``.
+    """Additive task-graph mask M over ``[task tokens; input tokens]``.
 
     Args:
         num_task_groups: G, the number of tasks whose tokens are in the sequence (laid out task after task).
@@ -95,28 +121,26 @@ def task_graph_mask(num_task_groups: int, tokens_per_task: int, attention_mask: 
     Returns:
         `(B, 1, S, S)` float tensor with S = G·n + N: 0 where the query row may read the key column, -inf elsewhere.
         Task tokens read their own task's tokens and real input tokens; input tokens read real input tokens.
+
+    `DTGMALayer` applies M by row blocks (`task_rows_mask` for the task rows, `padding_mask` for the input rows, whose
+    task columns are all -inf), which is the same softmax row by row.
     """
-    batch_size, num_inputs = attention_mask.shape
-    num_task_rows = num_task_groups * tokens_per_task
-    device = attention_mask.device
-    group = torch.arange(num_task_rows, device=device) // tokens_per_task
-    may_read = torch.zeros(num_task_rows + num_inputs, num_task_rows + num_inputs, dtype=torch.bool, device=device)
-    may_read[:num_task_rows, :num_task_rows] = group[:, None] == group[None, :]
-    may_read[:, num_task_rows:] = True
-    key_is_real = torch.cat(
-        [torch.ones(batch_size, num_task_rows, dtype=torch.bool, device=device), attention_mask.bool()], dim=1
-    )
-    allowed = may_read[None] & key_is_real[:, None, :]  # (B, S, S)
-    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
-    return mask[:, None]
+    batch, num_inputs = attention_mask.shape
+    rows = num_task_groups * tokens_per_task
+    blocked = torch.full((batch, 1, num_inputs, rows), float("-inf"), device=attention_mask.device)
+    input_rows = torch.cat([blocked, padding_mask(attention_mask).expand(-1, -1, num_inputs, -1)], dim=-1)
+    return torch.cat([task_rows_mask(num_task_groups, tokens_per_task, attention_mask), input_rows], dim=2)
 
 
-def _by_group(tensors: list[torch.Tensor], task_ids: torch.Tensor | None) -> torch.Tensor:
-    """Stack one tensor per task to `(T, ...)` and lay it out per task group: `(1, T, ...)` when every task is a group
-    (`task_ids=None`), `(B, 1, ...)` with each row's own task otherwise. Stacking and indexing copy values exactly.
+def _by_group(tensors: list[torch.Tensor], task_ids: torch.Tensor | int | None) -> torch.Tensor:
+    """Lay out one tensor per task per task group: `(1, T, ...)` when every task is a group (`task_ids=None`),
+    `(1, 1, ...)` when the whole batch is one task (`task_ids` an int: that task's tensor alone, broadcast over the
+    rows), `(B, 1, ...)` with each row's own task (`task_ids` `(B,)`). Stacking and indexing copy values exactly.
 
     `index_select` rather than `stacked[task_ids]`: the backward of advanced indexing (`index_put_` with accumulation)
     sums a task's per-row gradients in a thread-dependent order on CPU, so training would not be repeatable."""
+    if isinstance(task_ids, int):  # contiguous, as a stacked copy is (a transposed view would round differently)
+        return tensors[task_ids].contiguous()[None, None]
     stacked = torch.stack(tensors)
     return stacked[None] if task_ids is None else stacked.index_select(0, task_ids)[:, None]
 
@@ -139,6 +163,17 @@ def check_finite(values: torch.Tensor, name: str) -> None:
             f"{name} holds NaN or inf values (batch rows {rows[:10]}{' ...' if len(rows) > 10 else ''}): clean or "
             "drop those examples (backbone features: compute them in float32)."
         )
+
+
+def _grouped_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x (B, G, n, in) @ weight (B or 1, G, in, out)` → `(B, G, n, out)`. A weight shared by every row of its group
+    (leading 1: all tasks, or a batch of one task) is one matrix product per group over all the group's rows, not a
+    product per row against a broadcast copy (which `@` would materialise: B·G copies of every task tensor)."""
+    if weight.shape[0] > 1 or x.shape[0] == 1:
+        return x @ weight
+    batch, groups, per_task, fan_in = x.shape
+    rows = x.transpose(0, 1).reshape(groups, batch * per_task, fan_in)  # (G, B·n, in)
+    return torch.bmm(rows, weight[0]).view(groups, batch, per_task, -1).transpose(0, 1)
 
 
 def _linear_2d(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -309,6 +344,11 @@ class DTGMALayer(nn.Module):
 
     Input tokens go through the shared projections only. Task tokens go through the shared projections plus their
     task's low-rank delta (or through their task's own full projections).
+
+    The task-graph mask gives every input row -inf on every task column, so the layer computes the two row blocks
+    apart: `input_rows` (input tokens reading real input tokens) and `task_rows` (task tokens reading their own task's
+    tokens and the input tokens' keys and values). Row by row this is softmax(QKᵀ/√d + M)V over the whole sequence;
+    the split lets the input rows, the same for every task, be computed once (`DTGMAModel.input_stream`).
     """
 
     def __init__(self, config: DTGMAConfig):
@@ -329,21 +369,75 @@ class DTGMALayer(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def _project(
-        self, name: str, task_x: torch.Tensor, input_x: torch.Tensor, task_weights: dict[str, tuple[torch.Tensor, ...]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply projection `name` to task rows `(B, G, n, in)` and input rows `(B, N, in)`.
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, S, D)` → `(B, heads, S, head_dim)`."""
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-        `task_weights[name]` holds the task tensors already gathered per task group, shaped `(B or 1, G, ...)`.
-        """
-        shared: nn.Linear = getattr(self, name)
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Masked attention of queries `(B, H, S_q, d)` over keys / values `(B, H, S_k, d)` with the additive `mask`
+        (broadcast to `(B, 1, S_q, S_k)`). Returns the context `(B, S_q, D)` and, when asked, the weights."""
+        dropout_p = self.attention_dropout if self.training else 0.0
+        weights = None
+        if output_attentions:  # the explicit form, so the weights can be returned
+            weights = ((q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask).softmax(dim=-1)
+            context = F.dropout(weights, p=dropout_p, training=self.training) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return context.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1), weights
+
+    def _task_projection(
+        self, name: str, task_x: torch.Tensor, task_weights: dict[str, tuple[torch.Tensor, ...]]
+    ) -> torch.Tensor:
+        """Projection `name` of task rows `(B, G, n, in)` → `(B, G, n, out)`, with the task tensors already gathered
+        per task group in `task_weights[name]`, shaped `(B or 1, G, ...)`."""
         first, second = task_weights[name]
         task_x = task_x.contiguous()
         if self.task_param_mode == "lowrank":  # first: down (., G, in, r); second: up (., G, r, out)
-            task_out = _linear_2d(task_x, shared) + (task_x @ first) @ second
-        else:  # first: weight transposed (., G, in, out); second: bias (., G, 1, out)
-            task_out = task_x @ first + second
-        return task_out, _linear_2d(input_x, shared)
+            return _linear_2d(task_x, getattr(self, name)) + _grouped_matmul(_grouped_matmul(task_x, first), second)
+        return _grouped_matmul(task_x, first) + second  # first: weight transposed (., G, in, out); second: bias (., G, 1, out)
+
+    def input_rows(
+        self, input_x: torch.Tensor, padding: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The input rows: input tokens `(B, N, D)` read the real input tokens (`padding`, `(B, 1, 1, N)` additive).
+
+        Returns the new input states `(B, N, D)`, this layer's input keys and values `(B, H, N, d)` (what the task
+        rows read) and, when asked, the attention weights `(B, H, N, N)`."""
+        normed = self.attn_norm(input_x)
+        q, k, v = (self._split_heads(_linear_2d(normed, getattr(self, name))) for name in ("q", "k", "v"))
+        context, weights = self._attend(q, k, v, padding, output_attentions)
+        input_x = input_x + self.dropout(_linear_2d(context, self.o))
+        hidden = self.act(_linear_2d(self.ffn_norm(input_x), self.fc1))
+        return input_x + self.dropout(_linear_2d(hidden, self.fc2)), k, v, weights
+
+    def task_rows(
+        self,
+        task_x: torch.Tensor,
+        input_keys: torch.Tensor,
+        input_values: torch.Tensor,
+        mask: torch.Tensor,
+        task_weights: dict[str, tuple[torch.Tensor, ...]],
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The task rows: task-token states `(B, G, n, D)` (G task groups of n tokens) read ``[task tokens; input
+        tokens]`` through `mask`, the task rows of the task-graph mask `(B, 1, G·n, G·n + N)` (`task_rows_mask`);
+        `input_keys` / `input_values` `(B, H, N, d)` come from `input_rows`.
+
+        Returns the new task states `(B, G, n, D)` and, when asked, the weights `(B, H, G·n, G·n + N)`."""
+        batch, groups, per_task, hidden = task_x.shape
+        normed = self.attn_norm(task_x)
+        q, k, v = (
+            self._split_heads(self._task_projection(name, normed, task_weights).reshape(batch, groups * per_task, hidden))
+            for name in ("q", "k", "v")
+        )
+        keys, values = torch.cat([k, input_keys], dim=2), torch.cat([v, input_values], dim=2)
+        context, weights = self._attend(q, keys, values, mask, output_attentions)
+        context = context.view(batch, groups, per_task, hidden)
+        task_x = task_x + self.dropout(self._task_projection("o", context, task_weights))
+        hidden_states = self.act(self._task_projection("fc1", self.ffn_norm(task_x), task_weights))
+        return task_x + self.dropout(self._task_projection("fc2", hidden_states, task_weights)), weights
 
     def forward(
         self,
@@ -353,44 +447,98 @@ class DTGMALayer(nn.Module):
         task_weights: dict[str, tuple[torch.Tensor, ...]],
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """
+        """Both row blocks.
+
         Args:
             task_x: `(B, G, n, D)` task-token states, G task groups of n tokens.
             input_x: `(B, N, D)` input-token states.
-            mask: `(B, 1, S, S)` additive task-graph mask, S = G·n + N.
-            task_weights: per projection, the gathered task tensors (see `_project`).
+            mask: `(B, 1, S, S)` additive task-graph mask (`task_graph_mask`), S = G·n + N.
+            task_weights: per projection, the gathered task tensors (see `_task_projection`).
         Returns:
             new `task_x`, new `input_x`, and the `(B, heads, S, S)` attention weights when asked for.
         """
-        batch, groups, per_task, hidden = task_x.shape
-        num_task_rows = groups * per_task
+        rows = task_x.shape[1] * task_x.shape[2]
+        new_input_x, keys, values, input_weights = self.input_rows(input_x, mask[:, :, rows:, rows:], output_attentions)
+        task_x, task_weights_out = self.task_rows(task_x, keys, values, mask[:, :, :rows], task_weights, output_attentions)
+        weights = None if not output_attentions else _full_attention(task_weights_out, input_weights)
+        return task_x, new_input_x, weights
 
-        def heads(task_part: torch.Tensor, input_part: torch.Tensor) -> torch.Tensor:
-            sequence = torch.cat([task_part.reshape(batch, num_task_rows, hidden), input_part], dim=1)
-            return sequence.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, d)
 
-        task_n, input_n = self.attn_norm(task_x), self.attn_norm(input_x)
-        q = heads(*self._project("q", task_n, input_n, task_weights))
-        k = heads(*self._project("k", task_n, input_n, task_weights))
-        v = heads(*self._project("v", task_n, input_n, task_weights))
-        dropout_p = self.attention_dropout if self.training else 0.0
-        weights = None
-        if output_attentions:  # the explicit form, so the weights can be returned
-            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask
-            weights = scores.softmax(dim=-1)
-            context = F.dropout(weights, p=dropout_p, training=self.training) @ v
-        else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        context = context.transpose(1, 2).reshape(batch, -1, hidden)
-        task_ctx = context[:, :num_task_rows].view(batch, groups, per_task, hidden)
-        task_out, input_out = self._project("o", task_ctx, context[:, num_task_rows:], task_weights)
-        task_x = task_x + self.dropout(task_out)
-        input_x = input_x + self.dropout(input_out)
+def _full_attention(task_weights: torch.Tensor, input_weights: torch.Tensor) -> torch.Tensor:
+    """The attention weights over the whole sequence `(B, H, S, S)` from the task rows' `(B, H, G·n, S)` and the
+    input rows' `(B, H, N, N)` (whose task columns are exactly zero)."""
+    rows = task_weights.shape[2]
+    return torch.cat([task_weights, F.pad(input_weights, (rows, 0))], dim=2)
 
-        task_n, input_n = self.ffn_norm(task_x), self.ffn_norm(input_x)
-        task_h, input_h = self._project("fc1", task_n, input_n, task_weights)
-        task_out, input_out = self._project("fc2", self.act(task_h), self.act(input_h), task_weights)
-        return task_x + self.dropout(task_out), input_x + self.dropout(input_out), weights
+
+@dataclass
+class DTGMAInputStream:
+    """The input tokens' part of a forward pass, the same for every task (input rows never read task tokens).
+
+    Args:
+        keys / values: per layer, the input tokens' keys and values `(B, H, N, d)` that the task tokens read.
+        pooled: `(B, D)`, the masked mean of the final input states (what heads with
+            `config.head_input="task_tokens+inputs"` add).
+        attention_mask: `(B, N)`, 1 for real tokens.
+        router_features: `(B, F)`, what the routers read (`DTGMAModel.router_features`); None for image models.
+        states: with `output_hidden_states`, the input states after the input projection and after every layer.
+        attentions: with `output_attentions`, the input rows' weights `(B, H, N, N)` of every layer.
+
+    `DTGMAModel.input_stream` computes it; `forward(input_stream=...)` and `predict(input_stream=...)` read it instead
+    of the inputs. While the shared weights are frozen it never changes, so a trainer can compute it once per example
+    (in evaluation mode) and reuse it for every epoch and evaluation.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    pooled: torch.Tensor
+    attention_mask: torch.Tensor
+    router_features: torch.Tensor | None = None
+    states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "DTGMAInputStream":
+        """The stream of examples `rows` `(b,)`, trimmed to their longest real length (no states or attentions)."""
+        rows = rows.to(self.pooled.device)
+        attention_mask = self.attention_mask.index_select(0, rows)
+        length = int(attention_mask.sum(dim=1).max())
+        return DTGMAInputStream(
+            keys=tuple(k.index_select(0, rows)[:, :, :length] for k in self.keys),
+            values=tuple(v.index_select(0, rows)[:, :, :length] for v in self.values),
+            pooled=self.pooled.index_select(0, rows),
+            attention_mask=attention_mask[:, :length],
+            router_features=None if self.router_features is None else self.router_features.index_select(0, rows),
+        )
+
+    @classmethod
+    def cat(cls, streams: list["DTGMAInputStream"]) -> "DTGMAInputStream":
+        """Streams of consecutive batches joined into one, padded to the longest (no states or attentions)."""
+        length = max(stream.attention_mask.shape[1] for stream in streams)
+
+        def join(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+            pad = lambda t: F.pad(t, [0, 0] * (t.dim() - dim - 1) + [0, length - t.shape[dim]])  # noqa: E731
+            return torch.cat([pad(t) for t in tensors])
+
+        features = [stream.router_features for stream in streams]
+        return cls(
+            keys=tuple(join(list(layer), 2) for layer in zip(*(stream.keys for stream in streams))),
+            values=tuple(join(list(layer), 2) for layer in zip(*(stream.values for stream in streams))),
+            pooled=torch.cat([stream.pooled for stream in streams]),
+            attention_mask=join([stream.attention_mask for stream in streams], 1),
+            router_features=None if features[0] is None else torch.cat(features),
+        )
+
+    def to(self, *args: Any, **kwargs: Any) -> "DTGMAInputStream":
+        """Every tensor moved (as `torch.Tensor.to`), so Accelerate's dataloaders can place a batch holding a stream."""
+        move = lambda t: None if t is None else t.to(*args, **kwargs)  # noqa: E731
+        many = lambda ts: None if ts is None else tuple(move(t) for t in ts)  # noqa: E731
+        return DTGMAInputStream(
+            many(self.keys), many(self.values), move(self.pooled), move(self.attention_mask),
+            move(self.router_features), many(self.states), many(self.attentions),
+        )
 
 
 @dataclass
@@ -601,11 +749,12 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
     # ---------------------------------------------------------------- forward
 
-    def _gather_task_weights(self, task_ids: torch.Tensor | None) -> list[dict[str, tuple[torch.Tensor, ...]]]:
-        """Per layer and projection, the task tensors stacked over tasks and laid out `(B or 1, G, ...)`.
+    def _gather_task_weights(self, task_ids: torch.Tensor | int | None) -> list[dict[str, tuple[torch.Tensor, ...]]]:
+        """Per layer and projection, the task tensors laid out `(B or 1, G, ...)` by `_by_group`.
 
-        With `task_ids` (B,) each row gets its own task (G = 1); without, every task is a group (G = T) shared by
-        all rows. Stacking copies values exactly, so a task's numbers do not depend on how many tasks exist.
+        With `task_ids` (B,) each row gets its own task (G = 1); with one int, the whole batch is that task (G = 1);
+        without, every task is a group (G = T) shared by all rows. Stacking copies values exactly, so a task's numbers
+        do not depend on how many tasks exist.
         """
 
         lowrank = self.config.task_param_mode == "lowrank"
@@ -624,7 +773,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
             per_layer.append(weights)
         return per_layer
 
-    def _heads(self, task_states: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+    def _heads(self, task_states: torch.Tensor, task_ids: torch.Tensor | int | None) -> torch.Tensor:
         """Apply each group's head to `task_states` (B, G, D); returns `(B, G, L_max)` with -inf padding."""
         num_labels = [adapter.head.classifier.out_features for adapter in self.task_adapters]
         max_labels = max(num_labels)
@@ -653,6 +802,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        input_stream: DTGMAInputStream | None = None,
     ) -> DTGMAOutput | tuple:
         r"""
         Args:
@@ -666,9 +816,76 @@ class DTGMAModel(DTGMAPreTrainedModel):
             input_ids: token ids, run through the attached backbone.
             output_attentions: also return the attention weights of every layer.
             output_hidden_states: also return the sequence states after every layer.
+            input_stream: instead of the inputs, their `DTGMAInputStream` (`input_stream`), e.g. computed once and
+                reused: only the task rows are computed.
         """
-        if sum(value is not None for value in (inputs_embeds, input_ids, pixel_values)) != 1:
-            raise ValueError("Pass exactly one of `inputs_embeds`, `input_ids` or `pixel_values`.")
+        if sum(value is not None for value in (inputs_embeds, input_ids, pixel_values, input_stream)) != 1:
+            raise ValueError("Pass exactly one of `inputs_embeds`, `input_ids`, `pixel_values` or `input_stream`.")
+        if input_stream is None:
+            input_stream = self._stream_of_inputs(
+                inputs_embeds, attention_mask, task_ids, input_ids, pixel_values, output_attentions, output_hidden_states
+            )
+            if isinstance(input_stream, DTGMAOutput):  # per-task patch embedders, all tasks: one pass per task
+                if labels is not None:
+                    raise ValueError("`labels` need `task_ids`: the loss is computed within each row's task.")
+                return input_stream if return_dict is not False else input_stream.to_tuple()
+        elif (output_hidden_states and input_stream.states is None) or (output_attentions and input_stream.attentions is None):
+            raise ValueError(
+                "This `input_stream` holds no input states or attentions: compute it with `model.input_stream(..., "
+                "output_hidden_states=True, output_attentions=True)`, or pass the inputs."
+            )
+        stream = input_stream
+        batch = len(stream)
+        task_ids, single_task = self._check_task_ids(task_ids, batch, stream.pooled.device)
+        # A batch of one task reads that task's tensors directly (no stacking, no per-row gathering).
+        layout = single_task if single_task is not None else task_ids
+        per_task = self.config.num_task_tokens
+        groups = len(self.task_adapters) if task_ids is None else 1
+
+        tokens = [adapter.task_tokens for adapter in self.task_adapters]
+        task_x = _by_group(tokens, layout).expand(batch, -1, -1, -1)  # (B, G, n, D)
+        mask = task_rows_mask(groups, per_task, stream.attention_mask, task_x.dtype)  # (B, 1, G·n, G·n + N)
+        task_layers, all_attentions = [task_x], () if output_attentions else None
+        layers = zip(self.layers, stream.keys, stream.values, self._gather_task_weights(layout))
+        for index, (layer, keys, values, weights) in enumerate(layers):
+            task_x, attn = layer.task_rows(task_x, keys, values, mask, weights, output_attentions=output_attentions)
+            task_layers.append(task_x)
+            if output_attentions:
+                all_attentions += (_full_attention(attn, stream.attentions[index]),)
+        all_hidden = None
+        if output_hidden_states:  # the sequence [task tokens; input tokens] after the projection and every layer
+            all_hidden = tuple(
+                torch.cat([task.reshape(batch, groups * per_task, -1), inputs], dim=1)
+                for task, inputs in zip(task_layers, stream.states)
+            )
+
+        task_states = task_x.mean(dim=2)  # (B, G, D)
+        if self.config.head_input == "task_tokens+inputs":
+            task_states = task_states + stream.pooled[:, None]
+        logits = self._heads(task_states, layout)  # (B, G, L_max)
+        if task_ids is not None:
+            logits, task_states = logits[:, 0], task_states[:, 0]
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, task_ids)
+        output = DTGMAOutput(
+            loss=loss, logits=logits, task_states=task_states, hidden_states=all_hidden, attentions=all_attentions
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _stream_of_inputs(
+        self,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        task_ids: torch.Tensor | int | str | None,
+        input_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> DTGMAInputStream | DTGMAOutput:
+        """`forward`'s inputs (token features, token ids or images) to their input stream; with per-task patch
+        embedders and no task ids, the all-task output itself (one pass per task)."""
         per_task_patches = _per_task_patches(self.config)
         if per_task_patches and pixel_values is None:
             raise ValueError(
@@ -680,51 +897,53 @@ class DTGMAModel(DTGMAPreTrainedModel):
             if not self.task_adapters:
                 raise ValueError("The model has no task yet: call `model.add_task(name, labels=[...])` first.")
             batch = pixel_values.shape[0]
-            task_ids = self._check_task_ids(task_ids, batch, self.input_proj.weight.device)
+            task_ids = self._check_task_ids(task_ids, batch, self.input_proj.weight.device)[0]
             if per_task_patches and task_ids is None:
-                if labels is not None:
-                    raise ValueError("`labels` need `task_ids`: the loss is computed within each row's task.")
-                return self._forward_each_task(pixel_values, output_attentions, output_hidden_states, return_dict)
+                return self._forward_each_task(pixel_values, output_attentions, output_hidden_states)
             inputs_embeds, attention_mask = self._embed_pixels(pixel_values, task_ids)
         elif inputs_embeds is None:
             inputs_embeds, attention_mask = self._features_from_backbone(input_ids, pixel_values, attention_mask)
+        return self.input_stream(inputs_embeds, attention_mask, output_hidden_states, output_attentions)
+
+    def input_stream(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> DTGMAInputStream:
+        """The input rows of every layer for token features `inputs_embeds` `(B, N, input_dim)` (`attention_mask`
+        `(B, N)`: 1 for real tokens): a `DTGMAInputStream`, the same for every task. `forward(input_stream=...)` then
+        computes only the task rows.
+
+        Example:
+
+        ```python
+        >>> stream = model.input_stream(x, mask)  # once
+        >>> model(input_stream=stream, task_ids=0).logits.equal(model(inputs_embeds=x, attention_mask=mask, task_ids=0).logits)
+        True
+        ```
+        """
         inputs_embeds, attention_mask = self._check_inputs(inputs_embeds, attention_mask)
-        task_ids = self._check_task_ids(task_ids, inputs_embeds.shape[0], inputs_embeds.device)
-        batch = inputs_embeds.shape[0]
-        per_task = self.config.num_task_tokens
-        groups = len(self.task_adapters) if task_ids is None else 1
-
         input_x = self.input_proj(self.input_norm(inputs_embeds.to(self.input_proj.weight.dtype)))  # (B, N, D)
-        tokens = [adapter.task_tokens for adapter in self.task_adapters]
-        task_x = _by_group(tokens, task_ids).expand(batch, -1, -1, -1)  # (B, G, n, D)
-        mask = task_graph_mask(groups, per_task, attention_mask).to(input_x.dtype)  # (B, 1, S, S)
-
-        def sequence() -> torch.Tensor:
-            return torch.cat([task_x.reshape(batch, groups * per_task, -1), input_x], dim=1)
-
-        all_hidden = (sequence(),) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer, weights in zip(self.layers, self._gather_task_weights(task_ids)):
-            task_x, input_x, attn = layer(task_x, input_x, mask, weights, output_attentions=output_attentions)
-            if output_hidden_states:
-                all_hidden += (sequence(),)
-            if output_attentions:
-                all_attentions += (attn,)
-
-        task_states = task_x.mean(dim=2)  # (B, G, D)
-        if self.config.head_input == "task_tokens+inputs":
-            task_states = task_states + masked_mean(input_x, attention_mask)[:, None]
-        logits = self._heads(task_states, task_ids)  # (B, G, L_max)
-        if task_ids is not None:
-            logits, task_states = logits[:, 0], task_states[:, 0]
-
-        loss = None
-        if labels is not None:
-            loss = self._loss(logits, labels, task_ids)
-        output = DTGMAOutput(
-            loss=loss, logits=logits, task_states=task_states, hidden_states=all_hidden, attentions=all_attentions
+        padding = padding_mask(attention_mask, input_x.dtype)  # (B, 1, 1, N)
+        keys, values, states, attentions = [], [], [input_x], []
+        for layer in self.layers:
+            input_x, layer_keys, layer_values, weights = layer.input_rows(input_x, padding, output_attentions)
+            keys.append(layer_keys)
+            values.append(layer_values)
+            states.append(input_x)
+            attentions.append(weights)
+        text = self.config.image_size is None  # image models route on pixels, not on patch tokens
+        return DTGMAInputStream(
+            keys=tuple(keys),
+            values=tuple(values),
+            pooled=masked_mean(input_x, attention_mask),
+            attention_mask=attention_mask,
+            router_features=masked_mean(inputs_embeds.float(), attention_mask) if text else None,
+            states=tuple(states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict is not False else output.to_tuple()
 
     # ---------------------------------------------------------------- routing
 
@@ -814,6 +1033,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
+        input_stream: DTGMAInputStream | None = None,
         router: str | None = None,
         reject_threshold: float | None = None,
     ) -> DTGMAPrediction:
@@ -821,7 +1041,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
         Args:
             texts: raw texts, encoded by the attached `TextBackbone` (see `attach_backbone`); or pass
-                `inputs_embeds` + `attention_mask` (cached features), `input_ids`, or `pixel_values`.
+                `inputs_embeds` + `attention_mask` (cached features), `input_ids`, `pixel_values`, or the
+                `input_stream` of token features.
             router: `"mahalanobis"`, `"energy"` or `"combined"` (default `config.router`).
             reject_threshold: mark inputs whose standardised score is below it as out of scope (default
                 `config.reject_threshold`; `None` rejects nothing).
@@ -856,6 +1077,10 @@ class DTGMAModel(DTGMAPreTrainedModel):
             if pixel_values is not None:
                 logits = self(pixel_values=pixel_values).logits
                 features = self.router_features(pixel_values=pixel_values)
+            elif input_stream is not None:
+                if input_stream.router_features is None:
+                    raise ValueError("This `input_stream` has no router features (an image model's): pass `pixel_values`.")
+                logits, features = self(input_stream=input_stream).logits, input_stream.router_features
             else:
                 logits = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
                 features = self.router_features(inputs_embeds, attention_mask)
@@ -888,8 +1113,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
 
     def _forward_each_task(
-        self, pixel_values: torch.Tensor, output_attentions: bool, output_hidden_states: bool, return_dict: bool | None
-    ) -> DTGMAOutput | tuple:
+        self, pixel_values: torch.Tensor, output_attentions: bool, output_hidden_states: bool
+    ) -> DTGMAOutput:
         """`task_ids=None` with per-task patch embedders: every task sees its own patch tokens, so each task runs
         its own pass over the batch; logits `(B, T, L_max)` and task states `(B, T, D)` as in the one-pass case."""
         if output_attentions or output_hidden_states:
@@ -901,7 +1126,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
             logits=torch.stack([out.logits for out in outputs], dim=1),
             task_states=torch.stack([out.task_states for out in outputs], dim=1),
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         if task_ids is None:
@@ -948,22 +1173,24 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
     def _check_task_ids(
         self, task_ids: torch.Tensor | int | str | None, batch: int, device: torch.device
-    ) -> torch.Tensor | None:
+    ) -> tuple[torch.Tensor | None, int | None]:
+        """`(task ids (B,), the one task of the whole batch or None)`; `(None, None)` for all tasks. One host sync."""
         if task_ids is None:
-            return None
+            return None, None
         if isinstance(task_ids, str):
             task_ids = self.task_index(task_ids)
         task_ids = torch.as_tensor(task_ids, device=device)
         if task_ids.dim() == 0:
             task_ids = task_ids.expand(batch)
-        if task_ids.shape != (batch,) or task_ids.is_floating_point():
+        if task_ids.shape != (batch,) or task_ids.is_floating_point() or batch == 0:
             raise ValueError(f"`task_ids` must be an integer tensor of shape ({batch},), got {tuple(task_ids.shape)}.")
-        if bool(((task_ids < 0) | (task_ids >= len(self.task_adapters))).any()):
+        low, high = torch.stack(torch.aminmax(task_ids)).tolist()
+        if low < 0 or high >= len(self.task_adapters):
             raise ValueError(
                 f"`task_ids` {task_ids.tolist()} out of range: task ids are 0..{len(self.task_adapters) - 1} "
                 f"for tasks {self.tasks}."
             )
-        return task_ids.long()
+        return task_ids.long(), low if low == high else None
 
     # --------------------------------------------------------------- adapters
 
@@ -1262,4 +1489,4 @@ def hub_error(error: Exception, repo_id: str, revision: str | None = None) -> OS
 DTGMAConfig.register_for_auto_class()
 DTGMAModel.register_for_auto_class("AutoModel")
 
-__all__ = ["DTGMAModel", "DTGMAPreTrainedModel", "DTGMAOutput", "PatchEmbedder", "task_graph_mask"]
+__all__ = ["DTGMAModel", "DTGMAPreTrainedModel", "DTGMAOutput", "DTGMAInputStream", "PatchEmbedder", "task_graph_mask"]

@@ -5,6 +5,7 @@ validation split, evaluation after each task); a strategy only says what happens
 
     begin_task(t, tasks)          add the task's head / adapter / gates, decide what trains
     train_dataset(t, tasks)       what task t trains on (the task's training split; `joint`: every task so far)
+    batches(dataset, batch_size)  the batches of a split, for training and evaluation (default: `batch_loader`)
     training_loss(model, batch, t, progress)    the loss of one batch (regularisers, distillation, replay)
     before_optimizer_step()       after backward: mask or rescale gradients (HAT, PackNet)
     after_optimizer_step()        after the step: clamp, re-apply masks, update statistics
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
+from torch.utils.data import DataLoader
 
+from ..batches import batch_loader
 from ..configuration_dtgma import DTGMAConfig
 from .network import MultiHeadEncoder
 
@@ -80,6 +83,18 @@ class ContinualStrategy:
 
     def train_dataset(self, index: int, tasks: list[ContinualTask]) -> Dataset:
         return tasks[index].train
+
+    def batches(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        name: str = "the split",
+    ) -> DataLoader:
+        """The batches of `dataset` (see `hf_dtgma.batches.batch_loader` for the arguments)."""
+        return batch_loader(dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform, name=name)
 
     def validation_tasks(self, index: int) -> list[int]:
         """The tasks whose mean validation accuracy early-stops task `index` (default: that task alone)."""

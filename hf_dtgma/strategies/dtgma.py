@@ -4,17 +4,27 @@ DTG-MA isolates tasks by construction: a new task adds its own tokens, low-rank 
 earlier task reads is frozen (`DTGMAModel.freeze_task`), so no regulariser, mask or replay is needed. `dtgma_full`
 gives each task full Q/K/V/O and feed-forward projections instead of low-rank deltas, as the published DTG-MA code
 does (many more parameters per task), for comparison.
+
+Input rows never read task tokens, so while the shared weights are frozen (`shared_training="never"`, or after the
+first task) an example's input stream (`DTGMAModel.input_stream`: the input tokens' keys and values in every layer)
+never changes. `DTGMAStrategy.batches` computes it once per example of a split, in evaluation mode, and every epoch,
+validation and evaluation after it computes only the task rows. (So no dropout falls on the frozen input stream:
+dropout regularises the task rows, the only ones that train.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from datasets import Dataset
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..configuration_dtgma import DTGMAConfig
-from ..modeling_dtgma import DTGMAModel
+from ..batches import batch_loader
+from ..modeling_dtgma import DTGMAInputStream, DTGMAModel
 from ..routing import fit_task_router
 from .base import ContinualStrategy, NoHyperparameters, Retrain, model_inputs
 
@@ -37,6 +47,7 @@ class DTGMAStrategy(ContinualStrategy):
             raise ValueError(f"{self.name} needs a model with task_param_mode={self.task_param_mode!r}.")
         self.config = config or NoHyperparameters()
         self.module = model
+        self._streams: dict[str, tuple[DTGMAInputStream, torch.Tensor]] = {}  # split fingerprint → (stream, labels)
 
     @property
     def model(self) -> DTGMAModel:
@@ -44,6 +55,48 @@ class DTGMAStrategy(ContinualStrategy):
 
     def begin_task(self, index: int, tasks: list) -> None:
         self.model.add_task(tasks[index].name, labels=tasks[index].labels)
+
+    def batches(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        name: str = "the split",
+    ) -> DataLoader:
+        """Batches `{"input_stream", "labels"}` over the input streams of `dataset`, computed once (see the module
+        docstring) and kept until the task that trains on them ends; the feature batches of `batch_loader` where the
+        stream can change (shared weights training, images, a batch transform, several tasks in one split)."""
+        model = self.model
+        frozen = not any(param.requires_grad for param in model.shared_parameters())
+        fixed = "features" in dataset.column_names and "task_id" not in dataset.column_names and transform is None
+        if not (frozen and fixed and model.config.image_size is None):
+            return super().batches(dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform, name=name)
+        if dataset._fingerprint not in self._streams:
+            self._streams[dataset._fingerprint] = self._input_streams(dataset, name)
+        stream, labels = self._streams[dataset._fingerprint]
+
+        def collate(rows: list[int]) -> dict[str, Any]:
+            rows = torch.tensor(rows)
+            return {"input_stream": stream.select(rows), "labels": labels[rows]}
+
+        return DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+
+    @torch.no_grad()
+    def _input_streams(self, dataset: Dataset, name: str) -> tuple[DTGMAInputStream, torch.Tensor]:
+        """The input stream of every example of `dataset`, in evaluation mode, and the labels `(n,)`."""
+        model, was_training = self.model, self.model.training
+        device = model.input_proj.weight.device
+        streams, labels = [], []
+        model.eval()
+        try:
+            for batch in batch_loader(dataset, 256, name=name):
+                streams.append(model.input_stream(batch["inputs_embeds"].to(device), batch["attention_mask"].to(device)))
+                labels.append(batch["labels"])
+        finally:
+            model.train(was_training)
+        return DTGMAInputStream.cat(streams), torch.cat(labels)
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
         if not self.label_smoothing:
@@ -53,6 +106,7 @@ class DTGMAStrategy(ContinualStrategy):
     def end_task(self, index: int, tasks: list, retrain: Retrain) -> None:
         """Freeze the task, then fit its routing statistics (`hf_dtgma.routing`) from its own splits."""
         self.model.freeze_task(tasks[index].name)
+        self._streams.pop(tasks[index].train._fingerprint, None)  # no later task trains on it
         fit_task_router(self.model, index, tasks[index].train, tasks[index].validation)
 
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:

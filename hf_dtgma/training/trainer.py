@@ -33,7 +33,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ..batches import batch_loader
 from ..errors import TrainingDivergedError, explain_out_of_memory
 from ..files import read_json, write_json_atomic
 from ..modeling_dtgma import DTGMAModel
@@ -307,10 +306,11 @@ class ContinualTrainer:
         task = self._tasks[index]
         trainable_by_name = {name: param for name, param in strategy.module.named_parameters() if param.requires_grad}
         trainable = list(trainable_by_name.values())
-        optimizer = torch.optim.AdamW(strategy.parameter_groups(config.weight_decay), lr=config.learning_rate)
+        # fused: one kernel for every tensor (the per-tensor loop costs as much as a small model's step)
+        optimizer = torch.optim.AdamW(strategy.parameter_groups(config.weight_decay), lr=config.learning_rate, fused=True)
         generator = torch.Generator().manual_seed(config.seed + index)
         train_data = strategy.train_dataset(index, self._tasks)
-        train_loader = batch_loader(
+        train_loader = strategy.batches(
             train_data, config.batch_size, shuffle=True, generator=generator, transform=task.train_transform,
             name=f"task {task.name!r}'s training data",
         )
@@ -407,7 +407,7 @@ class ContinualTrainer:
         to even out the shards)."""
         accelerator = self.accelerator
         name = f"task {self._tasks[task_index].name!r}'s {split} data"
-        loader = accelerator.prepare_data_loader(batch_loader(dataset, self.config.eval_batch_size, name=name))
+        loader = accelerator.prepare_data_loader(self.strategy.batches(dataset, self.config.eval_batch_size, name=name))
         self.model.eval()
         correct, loss, total = 0, 0.0, 0
         lower = f"the evaluation batch size (--eval-batch-size, now {self.config.eval_batch_size})"
@@ -432,7 +432,7 @@ class ContinualTrainer:
         share a label set count a right label predicted under another task as right)."""
         accelerator = self.accelerator
         name = f"task {self._tasks[task_index].name!r}'s {split} data"
-        loader = accelerator.prepare_data_loader(batch_loader(dataset, self.config.eval_batch_size, name=name))
+        loader = accelerator.prepare_data_loader(self.strategy.batches(dataset, self.config.eval_batch_size, name=name))
         labels = [task.labels for task in self._tasks[:num_tasks]]
         self.model.eval()
         right, right_tasks, total = 0, 0, 0
