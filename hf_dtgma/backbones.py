@@ -145,6 +145,12 @@ class TextBackbone(nn.Module):
             return outputs.hidden_states[self.layer], attention_mask
         return torch.cat([outputs.hidden_states[index] for index in self.layer], dim=-1), attention_mask
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """How many tokens each of `texts` has after truncation to `max_length` (what `encode` pads to)."""
+        if self.tokenizer is None:
+            raise ValueError("This TextBackbone has no tokenizer: build it with one, or call it with input_ids.")
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]]
+
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize `texts` (padded, truncated to `max_length`) and return `(features (B, N, D), mask (B, N))`."""
         if self.tokenizer is None:
@@ -248,6 +254,9 @@ class DeferredTextBackbone:
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone.encode(texts)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return self.backbone.token_counts(texts)
 
 
 def open_text_backbone(

@@ -41,7 +41,7 @@ def cache_features(
     text_column: str = "text",
     batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
-    sort_by_length: bool = False,
+    sort_by_length: bool = True,
 ) -> Dataset:
     """Add a `features` column (float16 `(n_real_tokens, D)` per example) computed by `backbone`, cached on disk.
 
@@ -50,9 +50,9 @@ def cache_features(
         backbone: the frozen text backbone.
         batch_size: texts per backbone call.
         cache_dir: where the Arrow files live (default `~/.cache/hf_dtgma/features`, or `$HF_DTGMA_CACHE/features`).
-        sort_by_length: call the backbone on texts of similar length (less padding): each run of `SORTED_RUN`
-            batches is encoded in order of text length (characters). The features are stored in data order either
-            way, and equal up to the rounding that a batch's padding can change (as with another `batch_size`).
+        sort_by_length: call the backbone on texts of similar length (little padding): each run of `SORTED_RUN`
+            batches is encoded in order of token count. The features are stored in data order either way, and equal
+            up to the rounding that a batch's padding can change (as with another `batch_size`).
 
     Returns:
         `dataset` with the extra `features` column. A second call with the same backbone, length and texts loads
@@ -75,7 +75,8 @@ def cache_features(
 
     def encode_sorted(batch: dict) -> dict:
         texts = batch[text_column]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        counts = backbone.token_counts(texts)
+        order = sorted(range(len(texts)), key=counts.__getitem__)
         features = [None] * len(texts)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]

@@ -326,8 +326,8 @@ def measure_sorting(data: BenchData, backbone: DeferredTextBackbone, args: argpa
         2, timings["sorted"], timings["data_order"],
         timings["data_order"]["median_s"] / timings["sorted"]["median_s"],
         f"cache_features(sort_by_length=True / False) of {len(dataset)} sentences, {FEATURE_BATCH_SIZE} per backbone "
-        "call, each call into a fresh cache (backbone loaded and warmed up before); the library default is data "
-        "order (sort_by_length=False).",
+        "call, each call into a fresh cache (backbone loaded and warmed up before); the library default is sorted "
+        "(by token count).",
         texts=len(dataset), backbone=backbone.identity, max_abs_feature_difference=difference,
     )
 

@@ -107,7 +107,7 @@ def test_sorting_by_length_changes_the_batches_not_the_features(tmp_path):
         stored[sort_by_length] = cached.with_format("numpy")["features"]
         assert sorted(text for batch in backbone.batches for text in batch) == sorted(texts)
         assert all(len(batch) == 3 for batch in backbone.batches)
-        lengths = [len(text) for batch in backbone.batches for text in batch]
+        lengths = backbone.token_counts([text for batch in backbone.batches for text in batch])
         assert (lengths == sorted(lengths)) == sort_by_length
     # Stored in data order, and equal up to the float16 rounding a batch's padding can move (as another batch size
     # does): a few values one float16 step apart, none further.
