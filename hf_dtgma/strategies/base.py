@@ -6,6 +6,7 @@ validation split, evaluation after each task); a strategy only says what happens
     begin_task(t, tasks)          add the task's head / adapter / gates, decide what trains
     train_dataset(t, tasks)       what task t trains on (the task's training split; `joint`: every task so far)
     batches(dataset, batch_size)  the batches of a split, for training and evaluation (default: `batch_loader`)
+    make_optimizer(groups, lr)    the optimizer of one training phase (default: AdamW)
     training_loss(model, batch, t, progress)    the loss of one batch (regularisers, distillation, replay)
     before_optimizer_step()       after backward: mask or rescale gradients (HAT, PackNet)
     after_optimizer_step()        after the step: clamp, re-apply masks, update statistics
@@ -95,6 +96,12 @@ class ContinualStrategy:
     ) -> DataLoader:
         """The batches of `dataset` (see `hf_dtgma.batches.batch_loader` for the arguments)."""
         return batch_loader(dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform, name=name)
+
+    def make_optimizer(self, parameter_groups: list[dict[str, Any]], learning_rate: float) -> torch.optim.Optimizer:
+        """The optimizer of one training phase (a task's epochs, or a retraining), over `parameter_groups`
+        (`parameter_groups()`); the trainer's linear schedule then drives its learning rate. Default: AdamW, fused
+        (one kernel for every tensor: the per-tensor loop costs as much as a small model's step)."""
+        return torch.optim.AdamW(parameter_groups, lr=learning_rate, fused=True)
 
     def validation_tasks(self, index: int) -> list[int]:
         """The tasks whose mean validation accuracy early-stops task `index` (default: that task alone)."""

@@ -306,8 +306,7 @@ class ContinualTrainer:
         task = self._tasks[index]
         trainable_by_name = {name: param for name, param in strategy.module.named_parameters() if param.requires_grad}
         trainable = list(trainable_by_name.values())
-        # fused: one kernel for every tensor (the per-tensor loop costs as much as a small model's step)
-        optimizer = torch.optim.AdamW(strategy.parameter_groups(config.weight_decay), lr=config.learning_rate, fused=True)
+        optimizer = strategy.make_optimizer(strategy.parameter_groups(config.weight_decay), config.learning_rate)
         generator = torch.Generator().manual_seed(config.seed + index)
         train_data = strategy.train_dataset(index, self._tasks)
         train_loader = strategy.batches(
