@@ -48,11 +48,13 @@ def cache_features(
     Args:
         dataset: a dataset with a `text_column`.
         backbone: the frozen text backbone.
-        batch_size: texts per backbone call.
+        batch_size: texts per backbone call in data order; sorted, a call holds at most `batch_size` times the
+            longest text's token count (of its run), so no call needs more memory than a data-order call could.
         cache_dir: where the Arrow files live (default `~/.cache/hf_dtgma/features`, or `$HF_DTGMA_CACHE/features`).
-        sort_by_length: call the backbone on texts of similar length (little padding): each run of `SORTED_RUN`
-            batches is encoded in order of token count. The features are stored in data order either way, and equal
-            up to the rounding that a batch's padding can change (as with another `batch_size`).
+        sort_by_length: call the backbone on texts of similar length (little padding, and fewer calls for short
+            texts): each run of `SORTED_RUN` batches is encoded in order of token count. The features are stored in
+            data order either way, and equal up to the rounding that a batch's padding can change (as with another
+            `batch_size`).
 
     Returns:
         `dataset` with the extra `features` column. A second call with the same backbone, length and texts loads
@@ -77,11 +79,17 @@ def cache_features(
         texts = batch[text_column]
         counts = backbone.token_counts(texts)
         order = sorted(range(len(texts)), key=counts.__getitem__)
+        budget = batch_size * counts[order[-1]]  # padded tokens per call: what a data-order call could need
         features = [None] * len(texts)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        start = 0
+        while start < len(order):
+            stop = start + 1  # in length order, a call's padded size is its count times its last text's length
+            while stop < len(order) and (stop + 1 - start) * counts[order[stop]] <= budget:
+                stop += 1
+            rows = order[start:stop]
             for row, feature in zip(rows, encode({text_column: [texts[i] for i in rows]})["features"]):
                 features[row] = feature
+            start = stop
         return {"features": features}
 
     lower = f"the feature batch size (--feature-batch-size, now {batch_size}) or --max-length ({backbone.max_length})"
