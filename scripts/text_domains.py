@@ -42,11 +42,9 @@ from hf_dtgma.training.cli import (
 BENCHMARKS = ("text_domains", "clinc150", "cl_benchmark", "custom")
 # Settings that depend on the benchmark, chosen on validation splits (README, "Results"); any flag given overrides them.
 # The eight built-in domains read layer -3 best; CLINC150's 150 intents read layers -1 and -3 together best, with heads
-# that also read the mean of the input tokens, two task tokens per task, trained with label smoothing 0.1.
-GENERAL_DEFAULTS = dict(layer=-3, head_input="task_tokens", label_smoothing=0.0, num_task_tokens=1)
-BENCHMARK_DEFAULTS = {
-    "clinc150": dict(layer=[-1, -3], head_input="task_tokens+inputs", label_smoothing=0.1, num_task_tokens=2)
-}
+# that also read the mean of the input tokens, trained with label smoothing 0.1.
+GENERAL_DEFAULTS = dict(layer=-3, head_input="task_tokens", label_smoothing=0.0)
+BENCHMARK_DEFAULTS = {"clinc150": dict(layer=[-1, -3], head_input="task_tokens+inputs", label_smoothing=0.1)}
 
 
 def load_benchmark(args: argparse.Namespace) -> list[ContinualTask]:
@@ -105,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     backbone.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/hf_dtgma/features)")
     add_model_arguments(parser)
     add_training_arguments(parser)
-    parser.set_defaults(head_input=None, num_task_tokens=None)  # per benchmark: BENCHMARK_DEFAULTS
+    parser.set_defaults(head_input=None)  # per benchmark: BENCHMARK_DEFAULTS
     return parser
 
 
