@@ -420,10 +420,12 @@ class DTGMALayer(nn.Module):
         mask: torch.Tensor,
         task_weights: dict[str, tuple[torch.Tensor, ...]],
         output_attentions: bool = False,
+        drop_inputs: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The task rows: task-token states `(B, G, n, D)` (G task groups of n tokens) read ``[task tokens; input
         tokens]`` through `mask`, the task rows of the task-graph mask `(B, 1, G·n, G·n + N)` (`task_rows_mask`);
-        `input_keys` / `input_values` `(B, H, N, d)` come from `input_rows`.
+        `input_keys` / `input_values` `(B, H, N, d)` come from `input_rows`. `drop_inputs`: apply the layer's dropout
+        to them (in training, for a stream that was computed without dropout).
 
         Returns the new task states `(B, G, n, D)` and, when asked, the weights `(B, H, G·n, G·n + N)`."""
         batch, groups, per_task, hidden = task_x.shape
@@ -432,6 +434,8 @@ class DTGMALayer(nn.Module):
             self._split_heads(self._task_projection(name, normed, task_weights).reshape(batch, groups * per_task, hidden))
             for name in ("q", "k", "v")
         )
+        if drop_inputs:  # a stream computed without dropout (once, in evaluation mode): regularise what is read of it
+            input_keys, input_values = self.dropout(input_keys), self.dropout(input_values)
         keys, values = torch.cat([k, input_keys], dim=2), torch.cat([v, input_values], dim=2)
         context, weights = self._attend(q, keys, values, mask, output_attentions)
         context = context.view(batch, groups, per_task, hidden)
@@ -481,6 +485,8 @@ class DTGMAInputStream:
             `config.head_input="task_tokens+inputs"` add).
         attention_mask: `(B, N)`, 1 for real tokens.
         router_features: `(B, F)`, what the routers read (`DTGMAModel.router_features`); None for image models.
+        dropped_out: computed in training mode, with dropout inside the input rows. A stream computed without it (in
+            evaluation mode, to be reused) gets its dropout where the task rows read it, when the model trains.
         states: with `output_hidden_states`, the input states after the input projection and after every layer.
         attentions: with `output_attentions`, the input rows' weights `(B, H, N, N)` of every layer.
 
@@ -494,6 +500,7 @@ class DTGMAInputStream:
     pooled: torch.Tensor
     attention_mask: torch.Tensor
     router_features: torch.Tensor | None = None
+    dropped_out: bool = False
     states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -511,6 +518,7 @@ class DTGMAInputStream:
             pooled=self.pooled.index_select(0, rows),
             attention_mask=attention_mask[:, :length],
             router_features=None if self.router_features is None else self.router_features.index_select(0, rows),
+            dropped_out=self.dropped_out,
         )
 
     @classmethod
@@ -529,6 +537,7 @@ class DTGMAInputStream:
             pooled=torch.cat([stream.pooled for stream in streams]),
             attention_mask=join([stream.attention_mask for stream in streams], 1),
             router_features=None if features[0] is None else torch.cat(features),
+            dropped_out=any(stream.dropped_out for stream in streams),
         )
 
     def to(self, *args: Any, **kwargs: Any) -> "DTGMAInputStream":
@@ -537,7 +546,7 @@ class DTGMAInputStream:
         many = lambda ts: None if ts is None else tuple(move(t) for t in ts)  # noqa: E731
         return DTGMAInputStream(
             many(self.keys), many(self.values), move(self.pooled), move(self.attention_mask),
-            move(self.router_features), many(self.states), many(self.attentions),
+            move(self.router_features), self.dropped_out, many(self.states), many(self.attentions),
         )
 
 
@@ -846,9 +855,10 @@ class DTGMAModel(DTGMAPreTrainedModel):
         task_x = _by_group(tokens, layout).expand(batch, -1, -1, -1)  # (B, G, n, D)
         mask = task_rows_mask(groups, per_task, stream.attention_mask, task_x.dtype)  # (B, 1, G·n, G·n + N)
         task_layers, all_attentions = [task_x], () if output_attentions else None
+        drop_inputs = self.training and not stream.dropped_out
         layers = zip(self.layers, stream.keys, stream.values, self._gather_task_weights(layout))
         for index, (layer, keys, values, weights) in enumerate(layers):
-            task_x, attn = layer.task_rows(task_x, keys, values, mask, weights, output_attentions=output_attentions)
+            task_x, attn = layer.task_rows(task_x, keys, values, mask, weights, output_attentions, drop_inputs)
             task_layers.append(task_x)
             if output_attentions:
                 all_attentions += (_full_attention(attn, stream.attentions[index]),)
@@ -941,6 +951,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
             pooled=masked_mean(input_x, attention_mask),
             attention_mask=attention_mask,
             router_features=masked_mean(inputs_embeds.float(), attention_mask) if text else None,
+            dropped_out=self.training and self.config.hidden_dropout > 0,
             states=tuple(states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )

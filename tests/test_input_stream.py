@@ -154,3 +154,30 @@ def test_streams_are_not_cached_while_the_shared_weights_train(tmp_path):
     assert "inputs_embeds" in next(iter(strategy.batches(tasks[0].train, 8)))
     model.freeze_task("task0")
     assert "input_stream" in next(iter(strategy.batches(tasks[0].train, 8)))
+
+
+def test_a_stream_computed_once_gets_its_dropout_where_the_task_rows_read_it():
+    torch.manual_seed(0)
+    model = DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.5))
+    model.add_task("a", ["x", "y"])
+    features, mask = make_features(batch=4, tokens=5)
+    features = features[..., :DIM]
+    model.train()
+    assert model.input_stream(features, mask).dropped_out  # dropout inside the input rows
+    model.eval()
+    once = model.input_stream(features, mask)
+    assert not once.dropped_out
+    model.train()
+    calls = []
+    layer = model.layers[0]
+    original = layer.task_rows
+    layer.task_rows = lambda *args: calls.append(args[-1]) or original(*args)
+    torch.manual_seed(1)
+    first = model(input_stream=once, task_ids=0).logits
+    torch.manual_seed(2)
+    second = model(input_stream=once, task_ids=0).logits
+    model(inputs_embeds=features, attention_mask=mask, task_ids=0)
+    assert calls == [True, True, False]  # the reused stream is dropped out when read; an inline one inside
+    assert not torch.equal(first, second)
+    model.eval()
+    assert torch.equal(model(input_stream=once, task_ids=0).logits, model(input_stream=once, task_ids=0).logits)

@@ -8,8 +8,8 @@ does (many more parameters per task), for comparison.
 Input rows never read task tokens, so while the shared weights are frozen (`shared_training="never"`, or after the
 first task) an example's input stream (`DTGMAModel.input_stream`: the input tokens' keys and values in every layer)
 never changes. `DTGMAStrategy.batches` computes it once per example of a split, in evaluation mode, and every epoch,
-validation and evaluation after it computes only the task rows. (So no dropout falls on the frozen input stream:
-dropout regularises the task rows, the only ones that train.)
+validation and evaluation after it computes only the task rows. (So no dropout falls on the frozen input stream
+itself; in training the task rows drop out the input keys and values they read, re-drawn at every step.)
 """
 
 from __future__ import annotations
