@@ -77,7 +77,8 @@ def cache_features(
 
     def encode_sorted(batch: dict) -> dict:
         texts = batch[text_column]
-        counts = backbone.token_counts(texts)
+        token_counts = getattr(backbone, "token_counts", None)  # a backbone with `encode` only: characters stand in
+        counts = token_counts(texts) if token_counts is not None else [len(text) for text in texts]
         order = sorted(range(len(texts)), key=counts.__getitem__)
         budget = batch_size * counts[order[-1]]  # padded tokens per call: what a data-order call could need
         features = [None] * len(texts)
