@@ -266,3 +266,18 @@ def test_label_smoothing_spreads_mass_over_each_rows_own_labels_only():
     row1 = 0.9 * -log_p[1, 2] + 0.1 * -log_p[1].mean()
     torch.testing.assert_close(smoothed, (row0 + row1) / 2)
     assert torch.isfinite(smoothed)
+
+
+@pytest.mark.parametrize("name", ["ewc", "hat"])
+def test_all_logits_equal_the_per_task_logits(name, tmp_path):
+    """A shared-encoder baseline scores every head on one encoder pass; HAT (gated per task) falls back to one pass
+    per task. Both give exactly each task's own logits."""
+    trainer, _ = fit(name, tmp_path, epochs=1)
+    batch = next(iter(batch_loader(synthetic_tasks()[1].test, 64)))
+    trainer.model.eval()
+    with torch.no_grad():
+        together = trainer.strategy.all_logits(model_inputs(batch), 3)
+        alone = [trainer.strategy.logits(model_inputs(batch), index) for index in range(3)]
+    assert [part.shape for part in together] == [part.shape for part in alone]
+    for part, expected in zip(together, alone):
+        torch.testing.assert_close(part, expected, rtol=0, atol=1e-6)

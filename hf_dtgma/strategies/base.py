@@ -12,6 +12,7 @@ validation split, evaluation after each task); a strategy only says what happens
     after_optimizer_step()        after the step: clamp, re-apply masks, update statistics
     end_task(t, tasks, retrain)   consolidate: importance weights, masks, pruning (+ `retrain(epochs)`), buffers
     logits(inputs, t)             task-incremental logits of task t for evaluation
+    all_logits(inputs, T)         every task's logits on the same inputs (class-incremental evaluation)
     class_il_predict(inputs, T)   class-incremental prediction (task, label) among tasks 0..T-1, no task id given
 
 Batches are dicts with `labels (B,)` and either `inputs_embeds (B, N, D)` + `attention_mask (B, N)` or
@@ -132,11 +133,15 @@ class ContinualStrategy:
         """`(B, L_index)` logits of task `index` (task-incremental evaluation)."""
         raise NotImplementedError
 
+    def all_logits(self, inputs: dict[str, torch.Tensor], num_tasks: int) -> list[torch.Tensor]:
+        """The task-incremental logits of every task `0..num_tasks-1` on the same inputs: `[(B, L_0), ...]`."""
+        return [self.logits(inputs, index) for index in range(num_tasks)]
+
     def class_il_predict(self, inputs: dict[str, torch.Tensor], num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Class-incremental prediction among tasks `0..num_tasks-1` without a task id: `(task ids (B,), label ids
         within those tasks (B,))`. Default: the argmax over every seen head's logits side by side (the usual
         class-incremental evaluation of multi-head methods); DTG-MA routes instead."""
-        logits = [self.logits(inputs, index) for index in range(num_tasks)]
+        logits = self.all_logits(inputs, num_tasks)
         owner = torch.cat([torch.full((part.shape[-1],), index) for index, part in enumerate(logits)])
         within = torch.cat([torch.arange(part.shape[-1]) for part in logits])
         best = torch.cat(logits, dim=-1).argmax(dim=-1).cpu()
@@ -173,6 +178,14 @@ class SharedEncoderStrategy(ContinualStrategy):
 
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         return self.network(**inputs, task_ids=index)
+
+    def all_logits(self, inputs: dict[str, torch.Tensor], num_tasks: int) -> list[torch.Tensor]:
+        """One encoder pass read by every head, unless a subclass changes `logits` (gates, masks or adapters make
+        the encoder differ per task: then one pass per task)."""
+        if type(self).logits is not SharedEncoderStrategy.logits:
+            return super().all_logits(inputs, num_tasks)
+        pooled = self.network.encode(**inputs)
+        return [self.network.head_logits(pooled, index) for index in range(num_tasks)]
 
     def task_parameters(self, index: int) -> int:
         """Parameters task `index` adds to the model (its head, and whatever a method adds per task)."""
