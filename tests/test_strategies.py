@@ -15,7 +15,10 @@ from hf_dtgma.strategies.base import ContinualStrategy, UpdateMask, model_inputs
 from hf_dtgma.strategies.joint import with_task_ids
 from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
 
-METHODS = ["dtgma", "dtgma_full", "joint", "finetune", "ewc", "mas", "lwf", "hat", "packnet", "derpp", "lora", "adapter"]
+METHODS = [
+    "dtgma", "dtgma_full", "joint", "finetune", "ewc", "mas", "lwf", "hat", "packnet", "derpp", "lora", "adapter", "dytox",
+    "tag",
+]
 
 
 def model_config(**overrides) -> DTGMAConfig:

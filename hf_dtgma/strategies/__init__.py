@@ -18,6 +18,7 @@ from typing import Any
 from ..configuration_dtgma import DTGMAConfig
 from .base import ContinualStrategy, SharedEncoderStrategy
 from .derpp import DERPPStrategy
+from .dytox import DyToxStrategy
 from .dtgma import DTGMAFullStrategy, DTGMAStrategy
 from .finetune import FinetuneStrategy
 from .hat import HATStrategy
@@ -26,12 +27,13 @@ from .lwf import LwFStrategy
 from .packnet import PackNetStrategy
 from .peft_adapters import IA3AdapterStrategy, LoRAStrategy
 from .regularization import EWCStrategy, MASStrategy
+from .tag import TAGStrategy
 
 STRATEGIES: dict[str, type[ContinualStrategy]] = {
     strategy.name: strategy
     for strategy in (
         DTGMAStrategy, DTGMAFullStrategy, JointStrategy, FinetuneStrategy, EWCStrategy, MASStrategy, LwFStrategy,
-        HATStrategy, PackNetStrategy, DERPPStrategy, LoRAStrategy, IA3AdapterStrategy,
+        HATStrategy, PackNetStrategy, DERPPStrategy, LoRAStrategy, IA3AdapterStrategy, DyToxStrategy, TAGStrategy,
     )
 }
 

@@ -12,14 +12,16 @@ from datasets import Dataset, Value, concatenate_datasets
 from .base import SharedEncoderStrategy
 
 
+def with_task_id(dataset: Dataset, task_id: int) -> Dataset:
+    """A task's examples (`features` or `pixel_values`, `label`) with a `task_id` column, labels as plain integers."""
+    inputs = "features" if "features" in dataset.column_names else "pixel_values"
+    part = dataset.select_columns([inputs, "label"]).cast_column("label", Value("int64"))
+    return part.add_column("task_id", [task_id] * len(part))
+
+
 def with_task_ids(tasks: list, index: int) -> Dataset:
     """The training splits of tasks 0..index in one data set, with a `task_id` column (labels as plain integers)."""
-    parts = []
-    for task_id, task in enumerate(tasks[: index + 1]):
-        inputs = "features" if "features" in task.train.column_names else "pixel_values"
-        part = task.train.select_columns([inputs, "label"]).cast_column("label", Value("int64"))
-        parts.append(part.add_column("task_id", [task_id] * len(part)))
-    return concatenate_datasets(parts)
+    return concatenate_datasets([with_task_id(task.train, task_id) for task_id, task in enumerate(tasks[: index + 1])])
 
 
 class JointStrategy(SharedEncoderStrategy):

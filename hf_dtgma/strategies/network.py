@@ -84,13 +84,14 @@ class MultiHeadEncoder(nn.Module):
         """Every named parameter shared by all tasks (everything but the heads)."""
         return [(name, param) for name, param in self.named_parameters() if not name.startswith("heads.")]
 
-    def encode(
+    def encode_tokens(
         self,
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Token features `(B, N, input_dim)` (+ mask `(B, N)`) or images `(B, C, H, W)` → pooled states `(B, D)`."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features `(B, N, input_dim)` (+ mask `(B, N)`) or images `(B, C, H, W)` → the final token states
+        `(B, N, D)` and which tokens are real `(B, N)` (bool)."""
         if pixel_values is not None:
             inputs_embeds, attention_mask = self.patch_embed(pixel_values)
         if attention_mask is None:
@@ -100,7 +101,16 @@ class MultiHeadEncoder(nn.Module):
         mask = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~real, float("-inf"))[:, None, None]
         for layer in self.layers:
             x = layer(x, mask)
-        return masked_mean(x, real)
+        return x, real
+
+    def encode(
+        self,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token features `(B, N, input_dim)` (+ mask `(B, N)`) or images `(B, C, H, W)` → pooled states `(B, D)`."""
+        return masked_mean(*self.encode_tokens(inputs_embeds, attention_mask, pixel_values))
 
     def classify(self, pooled: torch.Tensor, task_ids: int | torch.Tensor) -> torch.Tensor:
         """Pooled states `(B, D)` → logits: `(B, L_t)` of head `task_ids` (an int), or `(B, L_max)` with each row's

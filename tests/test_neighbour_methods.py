@@ -1,0 +1,160 @@
+"""The methods DTG-MA is measured against (DyTox, TAG, DAFormer, DWA): each one's defining mechanism."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DIM, synthetic_tasks
+
+from hf_dtgma import DTGMAConfig
+from hf_dtgma.batches import batch_loader
+from hf_dtgma.strategies import build_strategy
+from hf_dtgma.strategies.base import model_inputs
+from hf_dtgma.strategies.dytox import DyToxNetwork, herding
+from hf_dtgma.strategies.tag import TAGOptimizer
+from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
+
+
+def model_config(**overrides) -> DTGMAConfig:
+    return DTGMAConfig(**{**dict(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.0), **overrides})
+
+
+def fit(name: str, tmp_path, num_tasks: int = 3, epochs: int = 2, **hyperparameters):
+    torch.manual_seed(0)
+    strategy = build_strategy(name, model_config(), **hyperparameters)
+    config = ContinualTrainingConfig(output_dir=str(tmp_path / name), epochs=epochs, batch_size=16, patience=3, cpu=True)
+    trainer = ContinualTrainer(strategy, config)
+    return trainer, trainer.fit(synthetic_tasks(num_tasks))
+
+
+def first_test_batch():
+    return model_inputs(next(iter(batch_loader(synthetic_tasks()[0].test, 64))))
+
+
+# --- DyTox ------------------------------------------------------------------------------------------------------
+
+
+def dytox_network(num_tasks: int = 4) -> DyToxNetwork:
+    torch.manual_seed(0)
+    network = DyToxNetwork(model_config())
+    for labels in range(2, 2 + num_tasks):
+        network.add_task(labels)
+    with torch.no_grad():  # tokens apart (new tokens start as copies of the last)
+        for token in network.task_tokens:
+            token.normal_()
+    return network.eval()
+
+
+def test_dytox_one_pass_task_attention_equals_the_per_task_loop():
+    network, inputs = dytox_network(), first_test_batch()
+    with torch.no_grad():
+        together = network.task_embeddings(**inputs)  # (B, 4, D): all tokens in one masked TAB pass
+        x, real = network.encode_tokens(**inputs)
+        alone = [network.tab(network.task_tokens[task][None], x, real)[:, 0] for task in range(4)]  # the paper's loop
+    assert together.shape == (len(inputs["inputs_embeds"]), 4, 16)
+    for task in range(4):
+        torch.testing.assert_close(together[:, task], alone[task], rtol=0, atol=1e-6)
+    assert not torch.allclose(together[:, 0], together[:, 1])  # the tokens do make the embeddings differ
+
+
+def test_dytox_task_token_sees_neither_other_tokens_nor_padding():
+    network, inputs = dytox_network(), first_test_batch()
+    with torch.no_grad():
+        before = network.task_embeddings(**inputs)
+        network.task_tokens[3].add_(5.0)
+        padded = inputs["attention_mask"] == 0
+        assert padded.any()
+        inputs["inputs_embeds"][padded] = 1e3
+        after = network.task_embeddings(**inputs)
+    torch.testing.assert_close(after[:, :3], before[:, :3], rtol=0, atol=1e-5)
+    assert not torch.allclose(after[:, 3], before[:, 3])
+
+
+def test_herding_follows_the_class_mean():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.9, 0.1]])
+    picks = herding(features, 3)
+    assert picks[0] == 2  # (1, 1)/√2 is the normalised mean's closest point
+    assert len(set(picks)) == 3 and herding(features, 10) == herding(features, 4)  # never more than there are
+
+
+def test_dytox_rehearses_a_herded_memory_and_balances_after_each_task(tmp_path):
+    trainer, results = fit("dytox", tmp_path, memory_per_class=3, finetune_epochs=1)
+    strategy = trainer.strategy
+    tasks = synthetic_tasks()
+    assert {task: len(rows) for task, rows in strategy.memory.items()} == {0: 6, 1: 6, 2: 6}  # 3 per class
+    for task, rows in strategy.memory.items():
+        labels = tasks[task].train.select(rows)["label"]
+        assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    training = strategy.train_dataset(2, tasks)  # task 2's data + the memory of tasks 0 and 1, with their task ids
+    assert len(training) == len(tasks[2].train) + 12
+    assert sorted(set(training["task_id"])) == [0, 1, 2] and training["task_id"].count(0) == 6
+    assert results["epochs_trained"] == {"task0": 2, "task1": 3, "task2": 3}  # + 1 balanced fine-tuning epoch
+    assert strategy.network.divergence is None and strategy.teacher is None  # training-time only
+    counts = results["parameters"]
+    assert counts["per_task"]["task0"] == 16 + 2 * 16 + 16 * 2 + 2  # token + head (LayerNorm + Linear)
+
+
+# --- TAG --------------------------------------------------------------------------------------------------------
+
+
+def steps(optimizer: torch.optim.Optimizer, param: nn.Parameter, gradients: list[torch.Tensor]) -> None:
+    for gradient in gradients:
+        param.grad = gradient.clone()
+        optimizer.step()
+
+
+GRADIENTS = [torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.2, 0.3, -0.4]), torch.tensor([1.0, 1.0, 1.0])]
+
+
+@pytest.mark.parametrize("variant, reference", [
+    ("rmsprop", lambda p: torch.optim.RMSprop([p], lr=0.01, alpha=0.99, eps=1e-8)),
+    ("adam", lambda p: torch.optim.Adam([p], lr=0.01, betas=(0.9, 0.99), eps=1e-8)),
+])
+def test_tag_is_rmsprop_or_adam_on_the_first_task(variant, reference):
+    ours, theirs = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    steps(TAGOptimizer([ours], lr=0.01, betas=(0.9, 0.99), eps=1e-8, variant=variant), ours, GRADIENTS)
+    steps(reference(theirs), theirs, GRADIENTS)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+
+
+def test_tag_scales_later_steps_by_the_cosine_rule():
+    """A hand-computed TAG-RMSProp step on the second task (β1 = 0.5, β2 = 0.75, b = 2)."""
+    param = nn.Parameter(torch.zeros(2))
+    optimizer = TAGOptimizer([param], lr=0.1, b=2.0, betas=(0.5, 0.75), eps=1e-12, variant="rmsprop")
+    steps(optimizer, param, [torch.tensor([1.0, 0.0])])  # task 1: m = (0.5, 0), v = (0.25, 0)
+    optimizer.task_boundary()
+    stored = optimizer.memory[param]
+    torch.testing.assert_close(stored["m"], torch.tensor([[1.0, 0.0]]))  # unit length
+    torch.testing.assert_close(stored["v"], torch.tensor([[0.25, 0.0]]))
+    start = param.detach().clone()
+    gradient = torch.tensor([-1.0, 1.0])
+    steps(optimizer, param, [gradient])  # task 2: m = (-0.5, 0.5), v = (0.25, 0.25), cos(m, m̂_1) = -1/√2
+    alpha = math.exp(-2.0 * (-1 / math.sqrt(2)))
+    expected = start - 0.1 * gradient / torch.sqrt(torch.tensor([0.25 + alpha * 0.25, 0.25]))
+    torch.testing.assert_close(param.detach(), expected)
+    # an aligned direction keeps more of its step than an opposed one
+    aligned = math.exp(-2.0 * 1.0)
+    assert aligned < 1 < alpha
+
+
+def test_tag_relatedness_is_one_for_a_zero_moment_and_needs_no_host_sync():
+    alpha = TAGOptimizer.relatedness(torch.zeros(3), torch.eye(3)[:2], b=5.0)
+    torch.testing.assert_close(alpha, torch.ones(2))
+    assert isinstance(alpha, torch.Tensor)
+
+
+def test_tag_memory_carries_over_to_the_next_tasks_optimizer(tmp_path):
+    trainer, results = fit("tag", tmp_path, variant="rmsprop")
+    optimizer = trainer.strategy.optimizer
+    encoder = dict(trainer.strategy.network.encoder_parameters())
+    memory = optimizer.memory[encoder["input_proj.weight"]]
+    assert memory["m"].shape == (3, encoder["input_proj.weight"].numel())  # one stored direction per finished task
+    torch.testing.assert_close(memory["m"].norm(dim=1), torch.ones(3))
+    assert results["task_il"]["average_accuracy"] > 0.6
+
+
+def test_tag_rejects_an_unknown_variant():
+    with pytest.raises(ValueError, match="'adam' or 'rmsprop'"):
+        TAGOptimizer([nn.Parameter(torch.zeros(1))], variant="sgd")
