@@ -158,3 +158,57 @@ def test_tag_memory_carries_over_to_the_next_tasks_optimizer(tmp_path):
 def test_tag_rejects_an_unknown_variant():
     with pytest.raises(ValueError, match="'adam' or 'rmsprop'"):
         TAGOptimizer([nn.Parameter(torch.zeros(1))], variant="sgd")
+
+
+# --- DAFormer ---------------------------------------------------------------------------------------------------
+
+
+def test_daformer_old_memory_slots_stay_frozen_and_new_ones_train(tmp_path):
+    torch.manual_seed(0)
+    strategy = build_strategy("daformer", model_config(), memory_slots=4, finetune_epochs=1)
+    config = ContinualTrainingConfig(output_dir=str(tmp_path), epochs=2, batch_size=16, patience=3, cpu=True)
+    trainer = ContinualTrainer(strategy, config)
+    tasks = synthetic_tasks()
+    trainer.fit(tasks[:1])
+    dual = strategy.network.dual
+    first = (dual.memory_keys[0].detach().clone(), dual.memory_values[0].detach().clone())
+    trainer._tasks = tasks
+    trainer._train_task(1, tasks[1])
+    second = (dual.memory_keys[1].detach().clone(), dual.memory_values[1].detach().clone())
+    trainer._train_task(2, tasks[2])
+    assert len(dual.memory_keys) == 3 and dual.memory_keys[0].shape == (4, 16)
+    assert torch.equal(dual.memory_keys[0], first[0]) and torch.equal(dual.memory_values[0], first[1])
+    assert torch.equal(dual.memory_keys[1], second[0]) and torch.equal(dual.memory_values[1], second[1])
+    assert not torch.equal(dual.memory_keys[2], dual.memory_keys[1])  # the newest set trained (it started as noise)
+    counts = strategy.parameter_counts(["a", "b", "c"])
+    assert counts["total"] == sum(p.numel() for p in strategy.network.parameters())
+    assert counts["per_task"]["a"] == 16 + (2 * 16 + 16 * 2 + 2) + 2 * 4 * 16  # token, head, key and value slots
+
+
+def test_daformer_memory_slots_change_what_the_block_computes():
+    from hf_dtgma.strategies.daformer import DAFormerNetwork
+
+    torch.manual_seed(0)
+    network = DAFormerNetwork(model_config(), memory_slots=3).eval()
+    network.add_task(2)
+    inputs = first_test_batch()
+    with torch.no_grad():
+        before = network.task_embeddings(**inputs)
+        network.dual.memory_values[0].normal_()
+        after = network.task_embeddings(**inputs)
+    assert not torch.allclose(before, after)
+
+
+def test_knn_invariant_distillation_is_zero_for_kept_neighbourhoods_and_positive_otherwise():
+    from hf_dtgma.strategies.daformer import knn_invariant_distillation
+
+    torch.manual_seed(0)
+    old = torch.randn(10, 6)
+    assert knn_invariant_distillation(2.0 * old, old, k=3, tau=0.1).abs() < 1e-6  # a rescaling keeps every cosine
+    assert knn_invariant_distillation(torch.randn(10, 6), old, k=3, tau=0.1) > 0.01
+    assert knn_invariant_distillation(old[:1], old[:1], k=3, tau=0.1) == 0
+
+
+def test_daformer_needs_a_block_before_the_task_attention():
+    with pytest.raises(ValueError, match="num_layers >= 2"):
+        build_strategy("daformer", model_config(num_layers=1))

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..configuration_dtgma import DTGMAConfig
 from .base import ContinualStrategy, SharedEncoderStrategy
+from .daformer import DAFormerStrategy
 from .derpp import DERPPStrategy
 from .dytox import DyToxStrategy
 from .dtgma import DTGMAFullStrategy, DTGMAStrategy
@@ -34,6 +35,7 @@ STRATEGIES: dict[str, type[ContinualStrategy]] = {
     for strategy in (
         DTGMAStrategy, DTGMAFullStrategy, JointStrategy, FinetuneStrategy, EWCStrategy, MASStrategy, LwFStrategy,
         HATStrategy, PackNetStrategy, DERPPStrategy, LoRAStrategy, IA3AdapterStrategy, DyToxStrategy, TAGStrategy,
+        DAFormerStrategy,
     )
 }
 

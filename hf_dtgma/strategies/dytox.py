@@ -123,7 +123,10 @@ class DyToxNetwork(MultiHeadEncoder):
         tasks: list[int] | None = None,
     ) -> torch.Tensor:
         """e_i for each task of `tasks` (default: every task), one SAB pass and one TAB pass → `(B, len(tasks), D)`."""
-        x, real = self.encode_tokens(inputs_embeds, attention_mask, pixel_values)
+        return self.read_tokens(*self.encode_tokens(inputs_embeds, attention_mask, pixel_values), tasks)
+
+    def read_tokens(self, x: torch.Tensor, real: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:
+        """The TAB over encoded tokens `(B, N, D)` (real `(B, N)`) for each task of `tasks` → `(B, len(tasks), D)`."""
         tasks = range(len(self.task_tokens)) if tasks is None else tasks
         tokens = torch.stack([self.task_tokens[task] for task in tasks])
         return self.tab(tokens, x, real)
@@ -169,17 +172,19 @@ class DyToxConfig:
 class DyToxStrategy(ContinualStrategy):
     name: ClassVar[str] = "dytox"
     config_class: ClassVar[type] = DyToxConfig
-    network_class: ClassVar[type[DyToxNetwork]] = DyToxNetwork
 
     def __init__(self, model_config: DTGMAConfig, config: Any = None):
         self.model_config = model_config
         self.config = config if config is not None else self.config_class()
-        self.network = self.network_class(model_config)
+        self.network = self.build_network()
         self.module = self.network
         self.teacher: DyToxNetwork | None = None
         self.memory: dict[int, list[int]] = {}  # task → rows of its training split kept for rehearsal
         self.num_labels: list[int] = []
         self.balanced = False  # True during the class-balanced fine-tuning
+
+    def build_network(self) -> DyToxNetwork:
+        return DyToxNetwork(self.model_config)
 
     # ------------------------------------------------------------------ the task sequence
 
@@ -253,7 +258,8 @@ class DyToxStrategy(ContinualStrategy):
         task_ids = batch.get("task_ids")
         if task_ids is None:
             task_ids = torch.full_like(batch["labels"], index)
-        embeddings = self.network.task_embeddings(**inputs)  # (B, t + 1, D)
+        x, real = self.network.encode_tokens(**inputs)
+        embeddings = self.network.read_tokens(x, real)  # (B, t + 1, D)
         logits = torch.cat(self.network.task_logits(embeddings), dim=1).float()  # (B, |C_1:t|)
         offsets = torch.tensor([0, *self.num_labels[:-1]], device=logits.device).cumsum(0)
         targets = F.one_hot(offsets[task_ids] + batch["labels"], logits.shape[1]).float()
@@ -263,13 +269,14 @@ class DyToxStrategy(ContinualStrategy):
         old = sum(self.num_labels[:index])
         alpha = old / sum(self.num_labels[: index + 1])
         with torch.no_grad():
-            teacher = torch.cat(self.teacher.task_logits(self.teacher.task_embeddings(**inputs)), dim=1).float()
+            teacher_x, _ = self.teacher.encode_tokens(**inputs)
+            teacher = torch.cat(self.teacher.task_logits(self.teacher.read_tokens(teacher_x, real)), dim=1).float()
         tau = self.config.distillation_tau
         distillation = F.kl_div(
             F.log_softmax(logits[:, :old] / tau, dim=1), F.log_softmax(teacher / tau, dim=1), reduction="batchmean",
             log_target=True,
         ) * tau**2
-        loss = (1 - alpha) * loss + alpha * distillation
+        loss = (1 - alpha) * loss + alpha * distillation + self.feature_distillation(x, teacher_x, real)
         if self.network.divergence is not None:
             head = self.network.divergence
             divergence_logits = head.classifier(head.norm(embeddings[:, index])).float()
@@ -277,6 +284,10 @@ class DyToxStrategy(ContinualStrategy):
             divergence_targets = F.one_hot(divergence_labels, divergence_logits.shape[1]).float()
             loss = loss + self.config.divergence * F.binary_cross_entropy_with_logits(divergence_logits, divergence_targets)
         return loss
+
+    def feature_distillation(self, x: torch.Tensor, teacher_x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """A distillation term on the encoder's token states `(B, N, D)`, the model's and the teacher's (DyTox: none)."""
+        return x.new_zeros(())
 
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         return self.network.head_logits(self.network.task_embeddings(**inputs, tasks=[index])[:, 0], index)
