@@ -212,3 +212,68 @@ def test_knn_invariant_distillation_is_zero_for_kept_neighbourhoods_and_positive
 def test_daformer_needs_a_block_before_the_task_attention():
     with pytest.raises(ValueError, match="num_layers >= 2"):
         build_strategy("daformer", model_config(num_layers=1))
+
+
+# --- DWA --------------------------------------------------------------------------------------------------------
+
+
+def test_dwa_masks_depend_on_the_input_and_change_the_output():
+    torch.manual_seed(0)
+    strategy = build_strategy("dwa", model_config())
+    strategy.network.add_head(2)
+    inputs = first_test_batch()
+    with torch.no_grad():
+        z, gates = strategy.masks(inputs, s=1.0)
+        out_gate, in_gate = gates["layers.0.fc2"]
+        assert out_gate.shape == (len(z), 16) and in_gate.shape == (len(z), 64)  # rank 1: out x in per example
+        assert not torch.allclose(out_gate[0], out_gate[1])  # two inputs, two masks
+        assert not torch.allclose(in_gate[0], in_gate[1])
+        assert torch.equal(gates["layers.0.q"][1], torch.ones_like(gates["layers.0.q"][1]))  # reads a LayerNorm
+        masked = strategy.logits(inputs, 0)
+        plain = strategy.network(**inputs, task_ids=0)
+    assert not torch.allclose(masked, plain)
+
+
+def test_dwa_protects_used_weights_and_measures_each_tasks_fisher_from_zero(tmp_path):
+    torch.manual_seed(0)
+    strategy = build_strategy("dwa", model_config(), importance_samples=8)
+    config = ContinualTrainingConfig(output_dir=str(tmp_path), epochs=2, batch_size=16, patience=3, cpu=True)
+    trainer = ContinualTrainer(strategy, config)
+    tasks = synthetic_tasks()
+    trainer.fit(tasks[:1])
+    fc1 = strategy.network.layers[0].fc1
+    out_used, in_used = strategy.used["layers.0.fc1"]
+    protected = (out_used[:, None] * in_used[None, :]) > 1 - 1e-6
+    assert protected.any()
+    weight_before = fc1.weight.detach().clone()
+    fisher = strategy.task_fisher(tasks[0].train, 0)
+    again = strategy.task_fisher(tasks[0].train, 0)
+    for name in fisher:  # measured from zero each time: the same data gives the same Fisher, not twice as much
+        torch.testing.assert_close(again[name], fisher[name])
+    torch.testing.assert_close(strategy.importance["embed.1.weight"], fisher["embed.1.weight"])
+    trainer._tasks = tasks
+    trainer._train_task(1, tasks[1])
+    assert torch.equal(fc1.weight[protected], weight_before[protected])  # entries task 0 used never moved
+    assert not torch.equal(fc1.weight, weight_before)  # the free ones did
+    assert strategy.importance["embed.1.weight"].sum() > fisher["embed.1.weight"].sum()  # Ω ← Ω + F_1
+
+
+def test_dwa_sparsity_term_penalises_dense_masks():
+    torch.manual_seed(0)
+    strategy = build_strategy("dwa", model_config())
+    inputs = first_test_batch()
+    _, gates = strategy.masks(inputs, s=1.0)
+    dense = {name: (torch.ones_like(a), torch.ones_like(b)) for name, (a, b) in gates.items()}
+    sparse = {name: (torch.zeros_like(a), torch.zeros_like(b)) for name, (a, b) in gates.items()}
+    assert strategy.sparsity(dense) > strategy.sparsity(gates) > strategy.sparsity(sparse)
+    assert strategy.sparsity(sparse) == 0
+
+
+def test_batch_hard_triplet_is_zero_when_classes_are_far_apart():
+    from hf_dtgma.strategies.dwa import batch_hard_triplet
+
+    labels = torch.tensor([0, 0, 1, 1])
+    apart = torch.tensor([[1.0, 0.0], [0.99, 0.01], [0.0, 1.0], [0.01, 0.99]])
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.99, 0.01], [0.01, 0.99]])
+    assert batch_hard_triplet(apart, labels, margin=0.2) == 0
+    assert batch_hard_triplet(mixed, labels, margin=0.2) > 1.0

@@ -17,7 +17,7 @@ from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
 
 METHODS = [
     "dtgma", "dtgma_full", "joint", "finetune", "ewc", "mas", "lwf", "hat", "packnet", "derpp", "lora", "adapter", "dytox",
-    "tag", "daformer",
+    "tag", "daformer", "dwa",
 ]
 
 

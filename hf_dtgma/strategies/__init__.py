@@ -19,6 +19,7 @@ from ..configuration_dtgma import DTGMAConfig
 from .base import ContinualStrategy, SharedEncoderStrategy
 from .daformer import DAFormerStrategy
 from .derpp import DERPPStrategy
+from .dwa import DWAStrategy
 from .dytox import DyToxStrategy
 from .dtgma import DTGMAFullStrategy, DTGMAStrategy
 from .finetune import FinetuneStrategy
@@ -35,7 +36,7 @@ STRATEGIES: dict[str, type[ContinualStrategy]] = {
     for strategy in (
         DTGMAStrategy, DTGMAFullStrategy, JointStrategy, FinetuneStrategy, EWCStrategy, MASStrategy, LwFStrategy,
         HATStrategy, PackNetStrategy, DERPPStrategy, LoRAStrategy, IA3AdapterStrategy, DyToxStrategy, TAGStrategy,
-        DAFormerStrategy,
+        DAFormerStrategy, DWAStrategy,
     )
 }
 
