@@ -58,7 +58,8 @@ CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {
 }
 
 DEFAULT_METHODS = [
-    "joint", "finetune", "ewc", "mas", "lwf", "derpp", "hat", "packnet", "lora", "adapter", "dtgma_full", "dtgma",
+    "joint", "finetune", "ewc", "mas", "lwf", "derpp", "hat", "packnet", "lora", "adapter", "dytox", "daformer", "tag",
+    "dwa", "dtgma_full", "dtgma",
 ]
 
 
