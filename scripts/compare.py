@@ -12,6 +12,7 @@ early stopping on the validation split and per-task heads, with the same seeds. 
                                       parameters (total, per task) and wall time
     first_task_accuracy.png           accuracy on the first task as tasks are added
     <method>/seed_<s>/results.json    each run; a run whose results exist with the same settings is not run again
+                                      (--existing-only: tabulate those runs, train nothing)
 
 Text benchmarks take every data, backbone, model and training flag of scripts/text_domains.py, image benchmarks
 those of scripts/vision_splits.py (pass them after the flags below, e.g. `--batch-size 32 --order 2`); methods'
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="local copy of the benchmark's data (default: the Hub)")
     parser.add_argument("--epochs", type=int, default=None, help="most epochs per task (default: the benchmark script's)")
     parser.add_argument("--output-dir", default=None, help="default: outputs/compare/<benchmark>")
+    parser.add_argument(
+        "--existing-only", action="store_true",
+        help="train nothing: write the table from the runs already in --output-dir (a method or seed without one is left out)",
+    )
     parser.add_argument(
         "--hparams", default="{}",
         help='JSON: per method, its hyperparameters or a list of settings to try, e.g. {"ewc": [{"penalty": 100}, {"penalty": 1000}]}',
@@ -135,8 +140,9 @@ def run_settings(args, run_args, method: str, seed: int, hyperparameters: dict) 
     }
 
 
-def run_one(args, run_args, tasks, config, accelerator, label: str, method: str, hyperparameters: dict, seed: int) -> dict:
-    """One method setting, one seed: reuse its results.json when the settings match, else train and write it."""
+def run_one(args, run_args, tasks, config, accelerator, label: str, method: str, hyperparameters: dict, seed: int) -> dict | None:
+    """One method setting, one seed: reuse its results.json when the settings match, else train and write it (with
+    --existing-only: None)."""
     folder = args.output_dir / label.replace(" ", "_").replace(",", "").replace("=", "-") / f"seed_{seed}"
     settings = run_settings(args, run_args, method, seed, hyperparameters)
     existing = folder / "results.json"
@@ -145,6 +151,9 @@ def run_one(args, run_args, tasks, config, accelerator, label: str, method: str,
         if results.get("settings") == settings:
             print(f"{label} seed {seed}: reusing {existing}")
             return results
+    if args.existing_only:
+        print(f"{label} seed {seed}: no run with these settings in {folder}, left out (--existing-only)")
+        return None
     run_args.seed, run_args.output_dir, run_args.resume = seed, str(folder), False
     started = time.perf_counter()
     _, results = train_continually(run_args, config, tasks, accelerator, method=method, hyperparameters=hyperparameters)
@@ -189,20 +198,21 @@ def comparison_markdown(summary: dict) -> str:
     lines = [
         f"# {summary['benchmark']}: continual-learning methods compared",
         "",
-        f"Task-incremental {summary['evaluate_on']} accuracy, mean ± std over seeds {summary['seeds']}; input: "
+        f"Task-incremental {summary['evaluate_on']} accuracy, mean ± std over each method's seeds; input: "
         f"{summary['input']['name']}. Same trainer, batch size, learning rate, epochs and early stopping for every "
         "method.",
         "",
         "Class-incremental: no task id, every seen task's labels (DTG-MA infers the task with its router; the other "
         "methods take the argmax over all seen heads); task identified: how often the chosen label's task is right.",
         "",
-        "| method | average accuracy (%) | forgetting | BWT | class-incremental (%) | task identified (%) | parameters (total) "
-        "| parameters per task | time per run (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | seeds | average accuracy (%) | forgetting | BWT | class-incremental (%) | task identified (%) "
+        "| parameters (total) | parameters per task | time per run (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, row in summary["methods"].items():
+        seeds = ", ".join(map(str, row["seeds"]))
         lines.append(
-            f"| {method} | {pm(row['average_accuracy'])} | {pm(row['average_forgetting'])} | {pm(row['bwt'])} | "
+            f"| {method} | {seeds} | {pm(row['average_accuracy'])} | {pm(row['average_forgetting'])} | {pm(row['bwt'])} | "
             f"{pm(row['class_il_accuracy'])} | {pm(row['task_identification'])} | "
             f"{row['parameters_total']:,} | {row['parameters_per_task']:,.0f} | {row['seconds']:.0f} |"
         )
@@ -243,7 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
                 run_one(args, run_args, tasks, config, accelerator, label, method, hyperparameters, seed)
                 for seed in args.seeds
             ]
-            methods[label] = summarize_method(runs)
+            runs = [run for run in runs if run is not None]
+            if runs:
+                methods[label] = summarize_method(runs)
+    if not methods:
+        raise SystemExit(f"No finished run of {args.methods} for seeds {args.seeds} in {args.output_dir}: nothing to tabulate.")
     summary = {
         "benchmark": args.benchmark,
         "seeds": args.seeds,

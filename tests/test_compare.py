@@ -49,3 +49,17 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
     changed = subprocess.run(command[:-1] + ["--cpu", "--methods", "ewc", "--seeds", "0", "--hparams", '{"ewc": {"penalty": 6.0}}'],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert changed.returncode == 0 and "reusing" not in changed.stdout  # another penalty is another run
+
+    tabulated = subprocess.run(
+        command[:-1] + ["--cpu", "--methods", "finetune,lwf,dtgma", "--seeds", "0,1,2", "--existing-only"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert tabulated.returncode == 0, tabulated.stderr[-3000:]
+    assert "lwf seed 0: no run" in tabulated.stdout
+    assert not (tmp_path / "out" / "lwf").exists() and not (tmp_path / "out" / "dtgma" / "seed_2").exists()  # trained nothing
+    table = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert list(table["methods"]) == ["finetune", "dtgma"]  # lwf never ran; seed 2 of the others neither
+    assert table["methods"]["dtgma"]["seeds"] == [0, 1]
+    assert table["methods"]["dtgma"] == summary["methods"]["dtgma"]
+    assert "| dtgma | 0, 1 |" in (tmp_path / "out" / "comparison.md").read_text()
+
