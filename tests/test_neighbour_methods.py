@@ -277,3 +277,33 @@ def test_batch_hard_triplet_is_zero_when_classes_are_far_apart():
     mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.99, 0.01], [0.01, 0.99]])
     assert batch_hard_triplet(apart, labels, margin=0.2) == 0
     assert batch_hard_triplet(mixed, labels, margin=0.2) > 1.0
+
+
+# --- images -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dytox", "daformer", "tag", "dwa"])
+def test_each_method_trains_on_images_through_the_patch_embedder(name, tmp_path):
+    import numpy as np
+
+    from hf_dtgma.data.vision import load_split_fashion_mnist
+
+    def images(labels, seed):  # noise, plus a bright 7 x 7 block whose place is the class
+        pixels = np.random.default_rng(seed).integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
+        for row, label in enumerate(labels):
+            top, left = 7 * (label // 4), 7 * (label % 4)
+            pixels[row, top : top + 7, left : left + 7] = 250
+        return pixels
+
+    train, test = np.repeat(np.arange(10), 60), np.repeat(np.arange(10), 20)
+    np.savez(tmp_path / "fashion_mnist.npz", x_train=images(train, 0), y_train=train, x_test=images(test, 1), y_test=test)
+    tasks = load_split_fashion_mnist(str(tmp_path), num_tasks=2)
+    torch.manual_seed(0)
+    config = DTGMAConfig(input_dim=16, hidden_size=16, num_heads=2, image_size=28, patch_size=7, num_channels=1)
+    strategy = build_strategy(name, config)
+    training = ContinualTrainingConfig(output_dir=str(tmp_path / name), epochs=10, batch_size=8, patience=10, cpu=True)
+    results = ContinualTrainer(strategy, training).fit(tasks)
+    matrix = results["task_il"]["accuracy_matrix"]
+    assert [len(row) for row in matrix] == [1, 2]
+    assert matrix[0][0] > 0.9 and results["task_il"]["average_accuracy"] > 0.65  # two classes each: chance is 0.5
+    assert results["class_il"]["average_accuracy"] <= results["task_il"]["average_accuracy"]
