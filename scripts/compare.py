@@ -55,6 +55,7 @@ CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {
         "lwf": {"distillation": 16.0},
         "hat": {"regularization": 0.75},
         "derpp": {"alpha": 0.5, "beta": 1.0},
+        "daformer": {"knn_weight": 0.1},
     },
 }
 
