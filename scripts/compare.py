@@ -57,6 +57,15 @@ CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {
         "derpp": {"alpha": 0.5, "beta": 1.0},
         "daformer": {"knn_weight": 0.1},
     },
+    "split_fashion_mnist": {
+        "ewc": {"penalty": 10000.0},
+        "mas": {"penalty": 10.0},
+        "lwf": {"distillation": 16.0},
+        "derpp": {"alpha": 0.1, "beta": 0.5},
+        "hat": {"regularization": 0.1},
+        "tag": {"b": 1.0},
+        "dwa": {"sparsity": 0.75},
+    },
 }
 
 DEFAULT_METHODS = [
