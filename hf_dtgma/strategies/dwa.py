@@ -41,7 +41,7 @@ from torch import nn
 
 from ..modeling_dtgma import masked_mean
 from .base import Retrain, SharedEncoderStrategy, UpdateMask, model_inputs
-from .hat import READS
+from .hat import READS, freeze_ungated
 from .network import PROJECTIONS
 
 
@@ -183,10 +183,7 @@ class DWAStrategy(SharedEncoderStrategy):
     def begin_task(self, index: int, tasks: list) -> None:
         super().begin_task(index, tasks)
         if index > 0:
-            gated = {f"{name}.{kind}" for name in self.gated for kind in ("weight", "bias")}
-            for name, param in self.network.encoder_parameters():
-                if name not in gated:
-                    param.requires_grad_(False)
+            freeze_ungated(self.network, self.gated)
             self.update_mask.set(self._weight_multipliers())
 
     def _weight_multipliers(self) -> dict[nn.Parameter, torch.Tensor]:

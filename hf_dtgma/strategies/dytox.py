@@ -304,9 +304,5 @@ class DyToxStrategy(ContinualStrategy):
         }
         return {"total": shared + sum(per_task.values()), "shared": shared, "per_task": per_task}
 
-    def memory_size(self) -> int:
-        """Examples in the rehearsal memory now."""
-        return sum(len(rows) for rows in self.memory.values())
-
 
 __all__ = ["DyToxConfig", "DyToxNetwork", "DyToxStrategy", "TaskAttentionBlock", "herding"]

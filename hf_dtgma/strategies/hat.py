@@ -53,6 +53,16 @@ class HATConfig:
     cosh_clamp: float = 50.0
 
 
+def freeze_ungated(network: nn.Module, gated: list[str]) -> None:
+    """Freeze every shared parameter of `network` (a `MultiHeadEncoder`) that is not the weight or bias of one of the
+    `gated` projections: LayerNorms and the patch embedder have no units to gate, so they stay as the first task left
+    them."""
+    trainable = {f"{name}.{kind}" for name in gated for kind in ("weight", "bias")}
+    for name, param in network.encoder_parameters():
+        if name not in trainable:
+            param.requires_grad_(False)
+
+
 class HATStrategy(SharedEncoderStrategy):
     name: ClassVar[str] = "hat"
     config_class: ClassVar[type] = HATConfig
@@ -92,14 +102,8 @@ class HATStrategy(SharedEncoderStrategy):
         self.embeddings.append(embedding)
         self._task = index
         if index > 0:
-            self._freeze_ungated()
+            freeze_ungated(self.network, self.gated)
             self.update_mask.set(self._weight_multipliers())
-
-    def _freeze_ungated(self) -> None:
-        gated = {f"{name}.{kind}" for name in self.gated for kind in ("weight", "bias")}
-        for name, param in self.network.encoder_parameters():
-            if name not in gated:
-                param.requires_grad_(False)
 
     def _weight_multipliers(self) -> dict[nn.Parameter, torch.Tensor]:
         """`1 − min(a_<t[out], a_<t[in])` for each gated weight, `1 − a_<t[out]` for its bias."""
