@@ -96,6 +96,25 @@ def test_dytox_rehearses_a_herded_memory_and_balances_after_each_task(tmp_path):
     assert counts["per_task"]["task0"] == 16 + 2 * 16 + 16 * 2 + 2  # token + head (LayerNorm + Linear)
 
 
+def test_dytox_balanced_fine_tuning_early_stops_on_class_incremental_accuracy(tmp_path):
+    trainer, _ = fit("dytox", tmp_path, memory_per_class=3, finetune_epochs=1)
+    tasks = synthetic_tasks()
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    task_il = mean([trainer._evaluate(j, tasks[j].validation)[0] for j in range(3)])
+    counts = [trainer._class_il(j, tasks[j].validation, "validation", 3) for j in range(3)]
+    class_il = mean([right / total for right, _, total in counts])
+    assert class_il < task_il  # three heads to choose among: the two criteria tell different epochs apart
+    strategy = trainer.strategy
+    strategy.balanced = True  # as during the fine-tuning: every seen task, scored without its task id
+    assert strategy.validation_tasks(2) == [0, 1, 2]
+    assert trainer._validate(2)[0] == pytest.approx(class_il)
+    strategy.balanced = False  # while a task trains: the task alone, task-incremental
+    assert trainer._validate(2)[0] == pytest.approx(trainer._evaluate(2, tasks[2].validation)[0])
+
+
 # --- TAG --------------------------------------------------------------------------------------------------------
 
 

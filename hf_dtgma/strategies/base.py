@@ -108,6 +108,12 @@ class ContinualStrategy:
         """The tasks whose mean validation accuracy early-stops task `index` (default: that task alone)."""
         return [index]
 
+    def validates_class_incremental(self, index: int) -> bool:
+        """Whether task `index`'s current phase early-stops on class-incremental validation accuracy (no task id,
+        every seen task's labels) instead of task-incremental: for a phase that calibrates heads against each other,
+        such as DyTox's class-balanced fine-tuning. Default: False."""
+        return False
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [param for param in self.module.parameters() if param.requires_grad]
 

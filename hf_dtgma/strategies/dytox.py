@@ -17,7 +17,7 @@ The mechanism, from the paper:
   seen class (the global budget grows with the classes: 20 × 150 = 3,000 on CLINC150, 20 × 10 = 200 on Split
   Fashion-MNIST).
 * Class-balanced fine-tuning after each task t > 0 on the memory alone (the same number of examples per class),
-  with the SABs frozen and a lower learning rate.
+  with the SABs frozen and a lower learning rate (× 0.1), for 20 epochs (the paper's CIFAR setting).
 
 What changes, and why:
 
@@ -26,6 +26,11 @@ What changes, and why:
   forward per task. The result is the same (a test checks it against the per-task loop).
 * Depth matches the other methods': `num_layers − 1` SABs plus the TAB (the paper: 5 SABs + 1 TAB at width 384).
 * The frozen-backbone features or a patch embedder feed it, like every baseline here; no MixUp (DyTox+).
+* The fine-tuning early-stops (keeps its best epoch) on class-incremental validation accuracy over the seen tasks,
+  what it is there to improve; every other phase of every method early-stops on task-incremental accuracy.
+  On Split Fashion-MNIST's first three tasks (validation) 0 / 5 / 20 / 50 fine-tuning epochs gave 41.2 / 43.3 /
+  61.9 / 68.8% class-incremental and 93.6 / 90.6 / 97.4 / 96.6% task-incremental accuracy: 20 is the best
+  task-incremental (the criterion every method is tuned on here) and the paper's.
 * Task-incremental evaluation scores task t on Clf_t(e_t); class-incremental takes the argmax over all sigmoid
   logits, as the paper.
 """
@@ -165,7 +170,7 @@ class DyToxConfig:
     memory_per_class: int = 20
     divergence: float = 0.1
     distillation_tau: float = 1.0
-    finetune_epochs: int = 5
+    finetune_epochs: int = 20
     finetune_lr_scale: float = 0.1
 
 
@@ -214,6 +219,9 @@ class DyToxStrategy(ContinualStrategy):
 
     def validation_tasks(self, index: int) -> list[int]:
         return list(range(index + 1)) if self.balanced else [index]
+
+    def validates_class_incremental(self, index: int) -> bool:
+        return self.balanced  # the fine-tuning is there to calibrate the heads against each other
 
     def make_optimizer(self, parameter_groups: list[dict[str, Any]], learning_rate: float) -> torch.optim.Optimizer:
         scale = self.config.finetune_lr_scale if self.balanced else 1.0

@@ -394,10 +394,15 @@ class ContinualTrainer:
         )
 
     def _validate(self, index: int) -> tuple[float, float]:
-        """Mean validation accuracy and loss over the tasks the strategy early-stops task `index` on."""
+        """Mean validation accuracy and loss over the tasks the strategy early-stops task `index` on (the accuracy
+        class-incremental where the strategy asks for it; the loss always task-incremental)."""
         tasks = self.strategy.validation_tasks(index)
         scores = [self._evaluate(j, self._tasks[j].validation, "validation") for j in tasks]
-        return sum(a for a, _ in scores) / len(scores), sum(loss for _, loss in scores) / len(scores)
+        accuracies = [accuracy for accuracy, _ in scores]
+        if self.strategy.validates_class_incremental(index):
+            counts = [self._class_il(j, self._tasks[j].validation, "validation", index + 1) for j in tasks]
+            accuracies = [right / total for right, _, total in counts]
+        return sum(accuracies) / len(accuracies), sum(loss for _, loss in scores) / len(scores)
 
     @torch.no_grad()
     def _evaluate(self, task_index: int, dataset: Dataset, split: str = "evaluation") -> tuple[float, float]:
