@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Array2D, Dataset, Features
 
@@ -118,6 +120,20 @@ def cache_task_features(
         for split in ("train", "validation", "test"):
             cached = cache_features(getattr(task, split), backbone, batch_size=batch_size, cache_dir=cache_dir)
             setattr(task, split, cached)
+
+
+def token_counts(dataset: Dataset) -> np.ndarray:
+    """The number of real tokens of each example of a split with a `features` column, `(n,)`, read from the Arrow
+    column's list lengths (no feature is decoded).
+
+    Example:
+        >>> token_counts(Dataset.from_dict({"features": [np.ones((3, 4)), np.ones((1, 4))]})).tolist()
+        [3, 1]
+    """
+    column = dataset.with_format("arrow")["features"]
+    # An `Array2D` column is an extension array over a list array: its outer list lengths are the token counts.
+    lists = [chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk for chunk in column.chunks]
+    return np.concatenate([pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in lists])
 
 
 def pad_features(features: list[torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,13 +1,17 @@
 """The input stream: input rows computed on their own (once, for every task) give the whole-sequence masked attention."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Array2D, Dataset
 
 from conftest import DIM, make_features, make_model, synthetic_tasks, train_steps
 
 from hf_dtgma import DTGMAConfig, DTGMAInputStream, DTGMAModel
+from hf_dtgma.features import pad_features, token_counts
 from hf_dtgma.modeling_dtgma import task_graph_mask
+from hf_dtgma.strategies import dtgma as dtgma_strategy
 from hf_dtgma.strategies.dtgma import DTGMAStrategy
 from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
 
@@ -181,3 +185,34 @@ def test_a_stream_computed_once_gets_its_dropout_where_the_task_rows_read_it():
     assert not torch.equal(first, second)
     model.eval()
     assert torch.equal(model(input_stream=once, task_ids=0).logits, model(input_stream=once, task_ids=0).logits)
+
+
+def test_streams_are_computed_in_length_order_and_read_in_data_order(monkeypatch):
+    torch.manual_seed(0)
+    model = DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2))
+    model.add_task("a", ["no", "yes"])
+    model.eval()
+    monkeypatch.setattr(dtgma_strategy, "STREAM_BATCH_SIZE", 4)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 9, size=13).tolist()
+    features = [rng.normal(size=(n, DIM)).astype(np.float16) for n in lengths]
+    dataset = Dataset.from_dict({"features": features, "label": list(range(13))})  # label i: row i
+    dataset = dataset.cast_column("features", Array2D(shape=(None, DIM), dtype="float16"))  # as the cache writes it
+    assert token_counts(dataset).tolist() == lengths
+    calls = []
+    original = model.input_stream
+    model.input_stream = lambda x, mask: calls.append(mask.sum(1).tolist()) or original(x, mask)
+    batch = next(iter(DTGMAStrategy(model).batches(dataset, 13)))
+    del model.input_stream
+    assert [len(call) for call in calls] == [4, 4, 4, 1]
+    assert [n for call in calls for n in call] == sorted(lengths)  # every call holds examples of similar length
+    assert batch["labels"].tolist() == list(range(13))  # read back in the data set's order
+    padded = pad_features([torch.from_numpy(f).float() for f in features])
+    expected = model(**padded, task_ids=0).logits
+    torch.testing.assert_close(model(input_stream=batch["input_stream"], task_ids=0).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_token_counts_reads_list_columns_and_selections():
+    dataset = Dataset.from_dict({"features": [np.ones((n, 2)) for n in (3, 1, 2)], "label": [0, 1, 0]})
+    assert token_counts(dataset).tolist() == [3, 1, 2]
+    assert token_counts(dataset.select([2, 0])).tolist() == [2, 3]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -24,9 +25,12 @@ from torch.utils.data import DataLoader
 
 from ..configuration_dtgma import DTGMAConfig
 from ..batches import batch_loader
+from ..features import token_counts
 from ..modeling_dtgma import DTGMAInputStream, DTGMAModel
 from ..routing import fit_task_router
 from .base import ContinualStrategy, NoHyperparameters, Retrain, model_inputs
+
+STREAM_BATCH_SIZE = 256  # examples per input-stream call (`DTGMAStrategy._input_streams`)
 
 
 class DTGMAStrategy(ContinualStrategy):
@@ -47,7 +51,8 @@ class DTGMAStrategy(ContinualStrategy):
             raise ValueError(f"{self.name} needs a model with task_param_mode={self.task_param_mode!r}.")
         self.config = config or NoHyperparameters()
         self.module = model
-        self._streams: dict[str, tuple[DTGMAInputStream, torch.Tensor]] = {}  # split fingerprint → (stream, labels)
+        # split fingerprint → (stream, labels, positions): see `_input_streams`
+        self._streams: dict[str, tuple[DTGMAInputStream, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def model(self) -> DTGMAModel:
@@ -75,28 +80,33 @@ class DTGMAStrategy(ContinualStrategy):
             return super().batches(dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform, name=name)
         if dataset._fingerprint not in self._streams:
             self._streams[dataset._fingerprint] = self._input_streams(dataset, name)
-        stream, labels = self._streams[dataset._fingerprint]
+        stream, labels, positions = self._streams[dataset._fingerprint]
 
         def collate(rows: list[int]) -> dict[str, Any]:
-            rows = torch.tensor(rows)
+            rows = positions[torch.tensor(rows)]
             return {"input_stream": stream.select(rows), "labels": labels[rows]}
 
         return DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
     @torch.no_grad()
-    def _input_streams(self, dataset: Dataset, name: str) -> tuple[DTGMAInputStream, torch.Tensor]:
-        """The input stream of every example of `dataset`, in evaluation mode, and the labels `(n,)`."""
+    def _input_streams(self, dataset: Dataset, name: str) -> tuple[DTGMAInputStream, torch.Tensor, torch.Tensor]:
+        """The input stream of every example of `dataset`, in evaluation mode, computed in batches of examples of
+        similar length (little padding: the input rows are the costly part of a DTG-MA forward). Returns the stream
+        and the labels `(n,)` in that length order, and `positions` `(n,)`: where example i of `dataset` sits in them."""
         model, was_training = self.model, self.model.training
         device = model.input_proj.weight.device
+        order = np.argsort(token_counts(dataset), kind="stable")
         streams, labels = [], []
         model.eval()
         try:
-            for batch in batch_loader(dataset, 256, name=name):
+            for batch in batch_loader(dataset.select(order), STREAM_BATCH_SIZE, name=name):
                 streams.append(model.input_stream(batch["inputs_embeds"].to(device), batch["attention_mask"].to(device)))
                 labels.append(batch["labels"])
         finally:
             model.train(was_training)
-        return DTGMAInputStream.cat(streams), torch.cat(labels)
+        positions = torch.empty(len(order), dtype=torch.long)
+        positions[torch.from_numpy(order)] = torch.arange(len(order))
+        return DTGMAInputStream.cat(streams), torch.cat(labels), positions
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
         if not self.label_smoothing:
