@@ -106,7 +106,10 @@ def task_rows_mask(
     the real input tokens. (See `task_graph_mask` for the whole mask.)"""
     batch = attention_mask.shape[0]
     rows = num_task_groups * tokens_per_task
-    block = _task_block(num_task_groups, tokens_per_task, attention_mask.device, dtype).expand(batch, 1, rows, rows)
+    # Under torch.compile the block is built inside the graph (and folded into a constant) instead of read from the
+    # cache, which dynamo would trace through with a warning.
+    build = _task_block.__wrapped__ if torch.compiler.is_compiling() else _task_block
+    block = build(num_task_groups, tokens_per_task, attention_mask.device, dtype).expand(batch, 1, rows, rows)
     return torch.cat([block, padding_mask(attention_mask, dtype).expand(-1, -1, rows, -1)], dim=-1)
 
 

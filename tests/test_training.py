@@ -72,11 +72,23 @@ def test_resume_with_another_task_order_is_refused(tmp_path):
         trainer.fit(list(reversed(synthetic_tasks())), resume=True)
 
 
+def launch(tmp_path: Path, script: str, output_dir: Path, *flags: str) -> dict:
+    """Run `script` (which imports `run` from this file and writes `<output_dir>/metrics.json`) with `accelerate launch`
+    and the given flags, as a user would; returns the metrics it wrote."""
+    path = tmp_path / f"{output_dir.name}.py"
+    path.write_text(script)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               *flags, str(path), str(output_dir)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
 def test_two_processes_give_the_same_accuracy_matrix_as_one(tmp_path):
     """Real gloo DDP on the CPU: `accelerate launch --multi_gpu --num_processes 2` with `Accelerator(cpu=True)`."""
     single, _ = run(tmp_path / "one")
-    script = tmp_path / "train_two.py"
-    script.write_text(
+    script = (
         "import json, sys\n"
         "from accelerate import PartialState\n"
         "from test_training import run\n"
@@ -84,14 +96,27 @@ def test_two_processes_give_the_same_accuracy_matrix_as_one(tmp_path):
         "if PartialState().is_main_process:\n"
         "    open(sys.argv[1] + '/metrics.json', 'w').write(json.dumps(results))\n"
     )
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "two")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    double = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    double = launch(tmp_path, script, tmp_path / "two", "--multi_gpu", "--num_processes", "2", "--dynamo_backend", "no")
     assert double["num_processes"] == 2 and single["num_processes"] == 1
     assert double["task_il"]["accuracy_matrix"] == single["task_il"]["accuracy_matrix"]
+
+
+def test_accelerate_dynamo_backend_compiles_training_with_the_same_results(tmp_path):
+    """torch.compile is off by default and Accelerate's own switch turns it on (`accelerate launch --dynamo_backend
+    inductor`): `prepare` compiles what trains. The `eager` backend (dynamo's graph capture without code generation,
+    so it stays fast) gives exactly the uncompiled run's results."""
+    uncompiled, _ = run(tmp_path / "uncompiled")
+    script = (
+        "import json, sys\n"
+        "import torch._dynamo\n"
+        "from test_training import run\n"
+        "results, _ = run(sys.argv[1])\n"
+        "results['graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']\n"
+        "open(sys.argv[1] + '/metrics.json', 'w').write(json.dumps(results))\n"
+    )
+    compiled = launch(tmp_path, script, tmp_path / "compiled", "--num_processes", "1", "--dynamo_backend", "eager")
+    assert compiled["graphs"] > 0  # the training forward went through torch.compile
+    assert compiled["task_il"] == uncompiled["task_il"]
 
 
 def test_run_outputs(tmp_path):
