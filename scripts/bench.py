@@ -1,6 +1,6 @@
 """Speed and size of hf_dtgma, measured in one run on one machine: medians over repeats, against the issue's targets.
 
-    python scripts/bench.py --data-dir ../shared/data/clinc150             # all eight measurements
+    python scripts/bench.py --data-dir ../shared/data/clinc150             # measurements 1-8 (1-9 on a GPU)
     python scripts/bench.py --only 4,5,6,7,8                               # the model alone: no data needed
     python scripts/bench.py --data-dir ../shared/data/clinc150 --only 1 --epochs 2 --num-tasks 3   # a shorter run 1
     python scripts/bench.py --quick                                        # tiny random models and data: seconds
@@ -21,10 +21,14 @@ Measurements (target in brackets, each reported as pass / fail with the measured
  6. the all-tasks pass (`task_ids=None`) at T = 20 vs 20 single-task passes [<= 0.1x];
  7. a training step (forward, backward, AdamW step) of one DTGMALayer vs `torch.nn.TransformerEncoderLayer` of the
     same width, heads, feed-forward width and sequence length [<= 1.3x];
- 8. parameters per task at hidden size 256, 2 layers vs the reference design's 1,577,472 [<= 157,747].
+ 8. parameters per task at hidden size 256, 2 layers vs the reference design's 1,577,472 [<= 157,747];
+ 9. backbone feature-extraction throughput in tokens/s (`TextBackbone` forward, features to host memory in float16,
+    as `cache_features` stores them) of a model built from the Qwen/Qwen2.5-1.5B configuration with random weights
+    (no download), batches of 64 texts of 32 tokens [a figure, no target]. It runs by default on a GPU only: on a
+    CPU each call of the 1.5-billion-parameter model takes minutes (`--only 9` runs it anyway).
 
-Without --data-dir, 1-3 are skipped (the output says so); --quick runs all eight at tiny sizes on a random tiny
-backbone and synthetic sentences made here (a smoke test of the benchmark, not a measurement of the library).
+Without --data-dir, 1-3 are skipped (the output says so); --quick runs all nine at tiny sizes on random tiny
+backbones and synthetic sentences made here (a smoke test of the benchmark, not a measurement of the library).
 Writes OUTPUT_DIR/bench.json and OUTPUT_DIR/bench.md, both describing the machine.
 """
 
@@ -50,12 +54,12 @@ import torch
 import transformers
 from datasets import Dataset
 from torch import nn
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, Qwen2Config
 
 from text_domains import BENCHMARK_DEFAULTS, build_parser, complete_args, make_run_accelerator, prepare, train
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
-from hf_dtgma.backbones import EMBEDDED_TEXT_BACKBONE, DeferredTextBackbone, open_text_backbone
+from hf_dtgma.backbones import EMBEDDED_TEXT_BACKBONE, DeferredTextBackbone, TextBackbone, open_text_backbone
 from hf_dtgma.data import load_clinc150
 from hf_dtgma.features import cache_features
 from hf_dtgma.files import write_json_atomic, write_text_atomic
@@ -65,6 +69,16 @@ REFERENCE_PER_TASK = 1_577_472  # full per-task Q, K, V, O and FFN at hidden 256
 LATENCY_TASKS = (5, 20, 50)
 FEATURE_BATCH_SIZE = 64  # scripts/text_domains.py's --feature-batch-size
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
+# Qwen/Qwen2.5-1.5B's config.json (measurement 9 builds the architecture with random weights: no download).
+QWEN25_1_5B = dict(
+    vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, hidden_act="silu", max_position_embeddings=131_072, rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True,
+)
+QUICK_QWEN = dict(
+    vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,8 @@ QUICK = Sizes(
 
 @dataclass(frozen=True)
 class Target:
-    """`ratio` (what it divides) must be at least / at most `bound`."""
+    """`ratio` (what it divides) must be at least / at most `bound`. A measurement without a target (a figure to
+    report) has `None` instead."""
 
     ratio: str
     bound: float
@@ -106,7 +121,7 @@ class Target:
         return f"{'≥' if self.at_least else '≤'} {self.bound:g}×"
 
 
-MEASUREMENTS: dict[int, tuple[str, Target]] = {
+MEASUREMENTS: dict[int, tuple[str, Target | None]] = {
     1: ("CLINC150 end to end vs the backbone feature pass", Target("end to end / feature pass", 2.0)),
     2: ("feature extraction: length-sorted vs data-order batches", Target("data order / sorted", 1.5, at_least=True)),
     3: ("feature cache on disk vs real tokens × width × 2 bytes", Target("file bytes / (tokens × width × 2)", 1.1)),
@@ -115,8 +130,10 @@ MEASUREMENTS: dict[int, tuple[str, Target]] = {
     6: ("all-tasks pass vs 20 single-task passes (T=20)", Target("all-tasks / 20 single-task", 0.1)),
     7: ("training step: DTGMALayer vs nn.TransformerEncoderLayer", Target("DTGMALayer / TransformerEncoderLayer", 1.3)),
     8: ("parameters per task vs the reference's 1,577,472", Target("per task / 1,577,472", 0.1)),
+    9: ("backbone feature extraction, Qwen2.5-1.5B architecture (random weights)", None),
 }
 NEEDS_DATA = (1, 2, 3)
+GPU_BY_DEFAULT = (9,)  # in the default --only on a GPU (or with --quick) only
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -159,6 +176,14 @@ def result(number: int, value: Any, baseline: Any, ratio: float, note: str, **de
         "measurement": number, "name": name, "value": value, "baseline": baseline, "ratio": ratio,
         "ratio_definition": target.ratio, "target": target.text(), "pass": target.passes(ratio), "note": note,
         "details": details,
+    }
+
+
+def figure(number: int, value: dict[str, float], note: str, **details: Any) -> dict:
+    """The record of a measurement without a target: `value` is reported, nothing passes or fails."""
+    return {
+        "measurement": number, "name": MEASUREMENTS[number][0], "value": value, "baseline": None, "ratio": None,
+        "ratio_definition": None, "target": None, "pass": None, "note": note, "details": details,
     }
 
 
@@ -543,6 +568,36 @@ def measure_parameters() -> dict:
     )
 
 
+def measure_backbone_throughput(sizes: Sizes, args: argparse.Namespace) -> dict:
+    """Feature-extraction tokens per second of the Qwen2.5-1.5B architecture (random weights), in `args.dtype`."""
+    config = Qwen2Config(**(QUICK_QWEN if args.quick else QWEN25_1_5B))
+    torch.manual_seed(0)
+    with torch.device(args.device):  # initialised where it runs: no 6 GB detour through host memory
+        model = AutoModel.from_config(config, dtype=args.dtype)
+    backbone = TextBackbone(model, layer=-1, name="Qwen/Qwen2.5-1.5B configuration, random weights")
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(config.vocab_size, (FEATURE_BATCH_SIZE, sizes.tokens), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+
+    def extract() -> torch.Tensor:
+        features, _ = backbone(input_ids, attention_mask)
+        return features.to(torch.float16).cpu()  # what cache_features stores
+
+    timing = time_interleaved({"extract": extract}, args.repeats, args.device, calls=sizes.calls_per_repeat)["extract"]
+    tokens = input_ids.numel()
+    return figure(
+        9, {"tokens_per_s": tokens / timing["median_s"]},
+        f"TextBackbone forward of {FEATURE_BATCH_SIZE} texts x {sizes.tokens} tokens (no padding: the length-sorted "
+        "batches of cache_features pad little) plus the float16 copy of the features to host memory; the model is "
+        f"built from {'a tiny Qwen2 configuration (--quick)' if args.quick else 'the Qwen/Qwen2.5-1.5B configuration'} "
+        "with random weights (the speed does not depend on the values). Tokens per second = tokens per call / "
+        "median call time.",
+        timing=timing, texts=FEATURE_BATCH_SIZE, tokens_per_text=sizes.tokens, parameters=model.num_parameters(),
+        num_hidden_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        attention=model.config._attn_implementation,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- reporting
 
 
@@ -551,6 +606,8 @@ def cell(value: Any) -> str:
     if isinstance(value, dict) and "median_s" in value:
         spread = f"{seconds(value['min_s'])}–{seconds(value['max_s'])}, n={value['repeats']}"
         return f"{seconds(value['median_s'])} ({spread})"
+    if isinstance(value, dict) and "tokens_per_s" in value:
+        return f"{value['tokens_per_s']:,.0f} tokens/s"
     if isinstance(value, dict):
         (key, number), = value.items()
         shown = f"{number / 2**20:.2f} MiB" if key.endswith("bytes") else seconds(number)
@@ -585,9 +642,14 @@ def markdown(report: dict) -> str:
     notes = []
     for row in report["measurements"]:
         number = row["measurement"]
+        target = MEASUREMENTS[number][1]
         if "skipped" in row:
-            lines.append(f"| {number} | {row['name']} | skipped | | | {MEASUREMENTS[number][1].text()} | — |")
+            lines.append(f"| {number} | {row['name']} | skipped | | | {target.text() if target else '—'} | — |")
             notes.append(f"{number}. skipped: {row['skipped']}")
+            continue
+        if target is None:
+            lines.append(f"| {number} | {row['name']} | {cell(row['value'])} | | | — | — |")
+            notes.append(f"{number}. {row['note']}")
             continue
         lines.append(
             f"| {number} | {row['name']} | {cell(row['value'])} | {cell(row['baseline'])} | {row['ratio']:.3g}× "
@@ -598,13 +660,13 @@ def markdown(report: dict) -> str:
 
 
 def parse_only(text: str) -> list[int]:
-    """`--only 4,5,6` → [4, 5, 6] (measurement numbers 1-8, in order)."""
+    """`--only 4,5,6` → [4, 5, 6] (measurement numbers 1-9, in order)."""
     try:
         numbers = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"--only takes measurement numbers such as 4,5,6, got {text!r}.") from error
     if not numbers or not set(numbers) <= set(MEASUREMENTS):
-        raise argparse.ArgumentTypeError(f"--only takes numbers among 1-8, got {text!r}.")
+        raise argparse.ArgumentTypeError(f"--only takes numbers among 1-9, got {text!r}.")
     return numbers
 
 
@@ -613,7 +675,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="CLINC150 folder (data_full.json), for measurements 1-3")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/bench"))
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (medians reported)")
-    parser.add_argument("--only", type=parse_only, default=sorted(MEASUREMENTS), help="e.g. 4,5,6 (default: all)")
+    parser.add_argument(
+        "--only", type=parse_only, default=None, help="e.g. 4,5,6 (default: 1-8, and 9 on a GPU or with --quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random models and synthetic data (seconds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, float32 on CPU")
@@ -623,6 +687,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1.")
     args.device = torch.device(args.device)
+    if args.only is None:
+        everything = args.device.type == "cuda" or args.quick
+        args.only = [number for number in MEASUREMENTS if everything or number not in GPU_BY_DEFAULT]
     args.dtype_name = args.dtype or ("bf16" if args.device.type == "cuda" else "float32")
     args.dtype = DTYPES[args.dtype_name]
     args.epochs = args.epochs or (QUICK if args.quick else FULL).epochs
@@ -641,6 +708,8 @@ def run_measurement(number: int, args: argparse.Namespace, workdir: Path, data: 
         return measure_cache_size(data, open_backbone(data, args.device, args.dtype), workdir)
     if number == 8:
         return measure_parameters()
+    if number == 9:
+        return measure_backbone_throughput(sizes, args)
     timed = {4: measure_mixed_tasks, 5: measure_latency, 6: measure_all_tasks, 7: measure_layer_step}
     return timed[number](sizes, args)
 
@@ -657,10 +726,15 @@ def run_measurements(args: argparse.Namespace, workdir: Path) -> list[dict]:
     for number in args.only:
         print(f"[{number}] {MEASUREMENTS[number][0]} ...", flush=True)
         row = run_measurement(number, args, workdir, data)
-        verdict = row["skipped"] if "skipped" in row else (
-            f"{row['ratio']:.3g}× ({row['ratio_definition']}; target {row['target']}): "
-            f"{'pass' if row['pass'] else 'FAIL'}"
-        )
+        if "skipped" in row:
+            verdict = row["skipped"]
+        elif row["target"] is None:
+            verdict = cell(row["value"])
+        else:
+            verdict = (
+                f"{row['ratio']:.3g}× ({row['ratio_definition']}; target {row['target']}): "
+                f"{'pass' if row['pass'] else 'FAIL'}"
+            )
         print(f"[{number}] {verdict}", flush=True)
         rows.append(row)
     return rows

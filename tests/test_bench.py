@@ -28,7 +28,7 @@ def import_bench():
 
 def test_quick_run_reports_every_requested_measurement(tmp_path):
     command = [
-        sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "4,5,6,7,8", "--repeats", "2",
+        sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "4,5,6,7,8,9", "--repeats", "2",
         "--output-dir", str(tmp_path / "out"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
@@ -39,7 +39,12 @@ def test_quick_run_reports_every_requested_measurement(tmp_path):
     assert report["settings"]["quick"] and report["settings"]["repeats"] == 2
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] and "gpu" in report["machine"]
     rows = {row["measurement"]: row for row in report["measurements"]}
-    assert sorted(rows) == [4, 5, 6, 7, 8]
+    assert sorted(rows) == [4, 5, 6, 7, 8, 9]
+    throughput = rows.pop(9)  # a figure without a target: tokens per second of a (here tiny) Qwen2 backbone
+    assert throughput["pass"] is None and throughput["target"] is None and throughput["value"]["tokens_per_s"] > 0
+    timing = throughput["details"]["timing"]
+    assert timing["repeats"] == 2 and throughput["value"]["tokens_per_s"] == 64 * 8 / timing["median_s"]
+    assert throughput["details"]["parameters"] > 0 and throughput["details"]["hidden_size"] == 32
     for number, row in rows.items():
         assert isinstance(row["pass"], bool) and row["ratio"] > 0 and row["target"].startswith(("≤", "≥"))
         if number in TIMED:
@@ -51,8 +56,9 @@ def test_quick_run_reports_every_requested_measurement(tmp_path):
 
     table = [line for line in (tmp_path / "out" / "bench.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0].startswith("| # | measurement | value | baseline | ratio | target | pass |")
-    assert [int(line.split("|")[1]) for line in table[1:]] == [4, 5, 6, 7, 8]
-    assert all(line.endswith(("| pass |", "| FAIL |")) for line in table[1:])
+    assert [int(line.split("|")[1]) for line in table[1:]] == [4, 5, 6, 7, 8, 9]
+    assert all(line.endswith(("| pass |", "| FAIL |")) for line in table[1:-1])
+    assert "tokens/s" in table[-1] and table[-1].endswith("| — | — |")
 
 
 def test_timing_summaries_and_targets():
@@ -62,6 +68,10 @@ def test_timing_summaries_and_targets():
     assert at_most.passes(1.25) and not at_most.passes(1.26) and at_most.text() == "≤ 1.25×"
     assert at_least.passes(2.5) and not at_least.passes(2.49) and at_least.text() == "≥ 2.5×"
     assert bench.parse_only("6, 4,4") == [4, 6]
+    # The 1.5-billion-parameter throughput (9) runs by default on a GPU only, or tiny with --quick.
+    assert bench.parse_args(["--device", "cpu"]).only == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert bench.parse_args(["--device", "cpu", "--quick"]).only == list(range(1, 10))
+    assert bench.parse_args(["--device", "cpu", "--only", "9"]).only == [9]
     calls = []
     timings = bench.time_interleaved(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, device=bench.torch.device("cpu"),
