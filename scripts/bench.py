@@ -25,7 +25,7 @@ Measurements (target in brackets, each reported as pass / fail with the measured
  9. backbone feature-extraction throughput in tokens/s (`TextBackbone` forward, features to host memory in float16,
     as `cache_features` stores them) of a model built from the Qwen/Qwen2.5-1.5B configuration with random weights
     (no download), batches of 64 texts of 32 tokens [a figure, no target]. It runs by default on a GPU only: on a
-    CPU each call of the 1.5-billion-parameter model takes minutes (`--only 9` runs it anyway).
+    CPU each call of the 1.5-billion-parameter model takes about 30 s (`--only 9` runs it anyway).
 
 Without --data-dir, 1-3 are skipped (the output says so); --quick runs all nine at tiny sizes on random tiny
 backbones and synthetic sentences made here (a smoke test of the benchmark, not a measurement of the library).
