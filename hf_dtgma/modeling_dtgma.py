@@ -515,9 +515,9 @@ class DTGMAInputStream:
         rows = rows.to(self.pooled.device)
         attention_mask = self.attention_mask.index_select(0, rows)
         length = int(attention_mask.sum(dim=1).max())
-        return DTGMAInputStream(
-            keys=tuple(k.index_select(0, rows)[:, :, :length] for k in self.keys),
-            values=tuple(v.index_select(0, rows)[:, :, :length] for v in self.values),
+        return DTGMAInputStream(  # trimmed before the copy: only the `length` columns are read and written
+            keys=tuple(k[:, :, :length].index_select(0, rows) for k in self.keys),
+            values=tuple(v[:, :, :length].index_select(0, rows) for v in self.values),
             pooled=self.pooled.index_select(0, rows),
             attention_mask=attention_mask[:, :length],
             router_features=None if self.router_features is None else self.router_features.index_select(0, rows),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from datasets import Dataset
@@ -59,6 +60,36 @@ def test_quick_run_reports_every_requested_measurement(tmp_path):
     assert [int(line.split("|")[1]) for line in table[1:]] == [4, 5, 6, 7, 8, 9]
     assert all(line.endswith(("| pass |", "| FAIL |")) for line in table[1:-1])
     assert "tokens/s" in table[-1] and table[-1].endswith("| — | — |")
+
+
+def test_quick_end_to_end_run_accounts_for_its_training_steps(tmp_path):
+    """Measurements 1-3 on a tiny BERT and synthetic tasks: measurement 1 says how many optimizer steps the run took
+    and what each cost, against what the 2x target leaves a step."""
+    command = [
+        sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "1,2,3", "--repeats", "1",
+        "--output-dir", str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = {row["measurement"]: row for row in json.loads((tmp_path / "out" / "bench.json").read_text())["measurements"]}
+    assert sorted(rows) == [1, 2, 3] and all(isinstance(row["pass"], bool) for row in rows.values())
+    end_to_end, details = rows[1], rows[1]["details"]
+    assert end_to_end["ratio"] == end_to_end["value"]["end_to_end_s"] / end_to_end["baseline"]["feature_pass_s"] > 1
+    assert details["optimizer_steps"] >= sum(details["epochs_trained"].values()) >= details["num_tasks"] == 2
+    assert 0 < details["training_steps_s"] <= details["training_s"]
+    assert np.isclose(details["ms_per_step"] * details["optimizer_steps"], 1000 * details["training_steps_s"])
+    assert np.isclose(
+        details["ms_per_step_for_2x"] * details["optimizer_steps"], 1000 * end_to_end["baseline"]["feature_pass_s"]
+    )
+    assert f"Training took {details['optimizer_steps']} optimizer steps" in end_to_end["note"]
+
+
+def test_optimizer_steps_are_epochs_times_batches_per_epoch():
+    bench = import_bench()
+    tasks = [SimpleNamespace(name="a", train=range(64)), SimpleNamespace(name="b", train=range(65))]
+    assert bench.optimizer_steps(tasks, {"a": 3, "b": 2}, batch_size=32) == 3 * 2 + 2 * 3
 
 
 def test_timing_summaries_and_targets():
