@@ -27,16 +27,20 @@ def import_bench():
     return bench
 
 
-def test_quick_run_reports_every_requested_measurement(tmp_path):
+def run_quick(tmp_path: Path, only: str, repeats: int) -> dict:
+    """`scripts/bench.py --quick --only ONLY` in a subprocess (offline); returns its JSON report."""
     command = [
-        sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "4,5,6,7,8,9", "--repeats", "2",
+        sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", only, "--repeats", str(repeats),
         "--output-dir", str(tmp_path / "out"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "out" / "bench.json").read_text())
 
-    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+
+def test_quick_run_reports_every_requested_measurement(tmp_path):
+    report = run_quick(tmp_path, "4,5,6,7,8,9", repeats=2)
     assert report["settings"]["quick"] and report["settings"]["repeats"] == 2
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] and "gpu" in report["machine"]
     rows = {row["measurement"]: row for row in report["measurements"]}
@@ -65,15 +69,7 @@ def test_quick_run_reports_every_requested_measurement(tmp_path):
 def test_quick_end_to_end_run_accounts_for_its_training_steps(tmp_path):
     """Measurements 1-3 on a tiny BERT and synthetic tasks: measurement 1 says how many optimizer steps the run took
     and what each cost, against what the 2x target leaves a step."""
-    command = [
-        sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "1,2,3", "--repeats", "1",
-        "--output-dir", str(tmp_path / "out"),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    rows = {row["measurement"]: row for row in json.loads((tmp_path / "out" / "bench.json").read_text())["measurements"]}
+    rows = {row["measurement"]: row for row in run_quick(tmp_path, "1,2,3", repeats=1)["measurements"]}
     assert sorted(rows) == [1, 2, 3] and all(isinstance(row["pass"], bool) for row in rows.values())
     end_to_end, details = rows[1], rows[1]["details"]
     assert end_to_end["ratio"] == end_to_end["value"]["end_to_end_s"] / end_to_end["baseline"]["feature_pass_s"] > 1
