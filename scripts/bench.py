@@ -700,7 +700,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1.")
-    args.device = torch.device(args.device)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device: use cpu, cuda or cuda:N.")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device {args.device}: torch {torch.__version__} sees no CUDA device. Run on a machine with a GPU and "
+            "a CUDA build of torch, or pass --device cpu."
+        )
     if args.only is None:
         everything = args.device.type == "cuda" or args.quick
         args.only = [number for number in MEASUREMENTS if everything or number not in GPU_BY_DEFAULT]

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import torch
 from datasets import Dataset
 
 from conftest import WORDS, tiny_qwen
@@ -106,6 +108,17 @@ def test_timing_summaries_and_targets():
     )
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then the candidates in turn
     assert timings["a"]["repeats"] == timings["b"]["repeats"] == 3
+
+
+def test_a_device_torch_cannot_use_is_a_clear_error(capsys):
+    bench = import_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "gpu"])
+    assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])
+        assert "sees no CUDA device" in capsys.readouterr().err
 
 
 def test_measurements_that_need_data_are_skipped_without_it(tmp_path):
