@@ -12,6 +12,7 @@ and in every task adapter).
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +78,7 @@ class TextBackbone(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         layer: int | Sequence[int] = -1,
         max_length: int = 128,
-        name: str | None = None,
+        name: str | os.PathLike | None = None,
         revision: str | None = None,
     ):
         super().__init__()
@@ -92,14 +93,14 @@ class TextBackbone(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.layer = layer
         self.max_length = max_length
-        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.name = os.fspath(name or getattr(model.config, "_name_or_path", None) or type(model).__name__)
         self.revision = revision
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
 
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str = DEFAULT_TEXT_BACKBONE,
+        name_or_path: str | os.PathLike = DEFAULT_TEXT_BACKBONE,
         layer: int | Sequence[int] = -1,
         max_length: int = 128,
         revision: str | None = None,
@@ -113,6 +114,7 @@ class TextBackbone(nn.Module):
         The tokenizer comes from `tokenizer_name_or_path` when given, else from `name_or_path`. The weights are read
         from safetensors only: a backbone published only as a pickled `pytorch_model.bin` is refused (no pickle).
         """
+        name_or_path = os.fspath(name_or_path)  # a Path names the same folder, and identities must be JSON
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision, **kwargs)
         model = AutoModel.from_pretrained(name_or_path, revision=revision, dtype=dtype, use_safetensors=True, **kwargs)
         if device is not None:
@@ -260,7 +262,7 @@ class DeferredTextBackbone:
 
 
 def open_text_backbone(
-    name_or_path: str | None = None,
+    name_or_path: str | os.PathLike | None = None,
     revision: str | None = None,
     layer: int | Sequence[int] = -1,
     max_length: int = 128,
@@ -278,7 +280,7 @@ def open_text_backbone(
     Returns:
         `(backbone, fallback_reason)`: `fallback_reason` is None unless the default was replaced.
     """
-    name = name_or_path or DEFAULT_TEXT_BACKBONE
+    name = os.fspath(name_or_path or DEFAULT_TEXT_BACKBONE)
     load_path, fallback_reason = resolve_text_backbone(name, allow_fallback=name_or_path is None)
     if fallback_reason is not None:
         warnings.warn(

@@ -1,11 +1,14 @@
 """Must-show 6: frozen backbones: a text model (tiny Qwen2 built in code) and the patch embedder."""
 
+import json
+
 import pytest
 import torch
 
 from conftest import TEXTS, tiny_qwen
 from hf_dtgma import DTGMAConfig, DTGMAModel
-from hf_dtgma.backbones import PatchEmbedder, TextBackbone
+from hf_dtgma.backbones import PatchEmbedder, TextBackbone, open_text_backbone
+from hf_dtgma.features import features_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,21 @@ def test_other_layers_and_loading_from_a_folder(tmp_path):
     assert loaded.identity["layer"] == 1 and all(not p.requires_grad for p in loaded.parameters())
     with pytest.raises(ValueError, match="layer"):
         TextBackbone(model, tokenizer, layer=3)
+
+
+def test_a_folder_given_as_a_path_is_named_by_its_string(tmp_path):
+    """`pathlib.Path` folders load like strings, and the identity they record stays JSON (feature fingerprints,
+    configs and adapters hold it)."""
+    model, tokenizer = tiny_qwen()
+    model.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    loaded = TextBackbone.from_pretrained(
+        tmp_path / "qwen", dtype=torch.float32, tokenizer_name_or_path=tmp_path / "tokenizer"
+    )
+    deferred, fallback_reason = open_text_backbone(tmp_path / "qwen", tokenizer_name_or_path=tmp_path / "tokenizer")
+    assert loaded.name == deferred.name == str(tmp_path / "qwen") and fallback_reason is None
+    assert json.loads(json.dumps(loaded.identity)) == loaded.identity == deferred.identity
+    assert features_fingerprint(loaded, TEXTS) == features_fingerprint(deferred, TEXTS)
 
 
 def test_a_different_backbone_is_refused(backbone):
