@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     """`write_text_atomic` of `payload` as indented JSON."""
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def use_default_permissions(path: str | Path) -> None:
+    """Give `path` the permissions a plain `open` / `mkdir` would (0o666 / 0o777 less the umask): `tempfile` makes
+    its files and folders private (0o600 / 0o700), which would carry over to what is renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
 
 
 def read_json(path: str | Path, fix: str) -> Any:

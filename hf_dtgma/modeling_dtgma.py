@@ -328,6 +328,18 @@ class DTGMATaskRouter(nn.Module):
         return bool(self.residual_variance > 0)
 
 
+def check_task_name(name: Any) -> None:
+    """A task's name also names its adapter's folder (`adapters/<name>`, a Hub subfolder): a non-empty string, not
+    `.` or `..`, without path separators or control characters; otherwise a `ValueError` saying so."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"Task name must be a non-empty string, got {name!r}.")
+    if name in (".", "..") or any(char in name for char in "/\\") or not name.isprintable():
+        raise ValueError(
+            f"Task name {name!r} cannot name a folder (a task's adapter is saved under adapters/<task name>): use a "
+            "name without '/', '\\' or control characters, other than '.' and '..'."
+        )
+
+
 class DTGMATaskAdapter(nn.Module):
     """Everything task t owns: its tokens, its per-layer deltas, its head and its routing statistics (and its patch
     embedder when `config.patch_embedder == "per_task"`). Saved alone as the task's adapter."""
@@ -668,8 +680,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 contract: a new task arrives once the earlier ones are finished). Pass `False` to train several
                 tasks together.
         """
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"Task name must be a non-empty string, got {name!r}.")
+        check_task_name(name)
         if name in self.tasks:
             raise ValueError(f"Task {name!r} is already registered (tasks: {self.tasks}); pick another name.")
         labels = self._check_labels(name, labels)
@@ -1398,7 +1409,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
 
 class atomic_path:
-    """Context manager giving a temporary path next to `target`, renamed onto `target` on success."""
+    """Context manager giving a temporary path next to `target` (`.<name>.<8 random characters>.tmp`), renamed onto
+    `target` on success. The file gets the permissions of a plain `open` (0o666 less the umask), not mkstemp's 0o600."""
 
     def __init__(self, target: Path):
         self.target = Path(target)
@@ -1406,6 +1418,9 @@ class atomic_path:
     def __enter__(self) -> str:
         handle, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
         os.close(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -33,6 +33,7 @@ from hf_dtgma.training import ContinualTask, ContinualTrainer
 from hf_dtgma.training.cli import (
     add_model_arguments,
     add_training_arguments,
+    at_least,
     finish_run,
     make_run_accelerator,
     model_config,
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hidden state(s) to read: -1 last layer, 0 embeddings; several (--layer -1 -3) are concatenated "
         "(default per benchmark, best on validation: -1 -3 for clinc150, -3 otherwise; see README)",
     )
-    backbone.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    backbone.add_argument("--max-length", type=at_least(2), default=128, help="tokens per text")
     backbone.add_argument("--feature-batch-size", type=int, default=64, help="texts per backbone call (memory only)")
     backbone.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/hf_dtgma/features)")
     add_model_arguments(parser)

@@ -305,3 +305,18 @@ def test_custom_errors(tmp_path):
     pd.DataFrame(rows).to_csv(path, index=False)
     with pytest.raises(ValueError, match="`split` column may only hold train, validation, test; found \\['dev'\\]"):
         load_custom(str(path))
+
+
+def test_custom_rows_without_a_task_and_task_names_that_cannot_name_a_folder(tmp_path):
+    rows = custom_rows("a", ["p", "q"], 10) + custom_rows("b", ["p", "q"], 10)
+    for row in rows[3:5]:
+        row["task"] = None  # an empty cell in the CSV
+    path = tmp_path / "blank.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"2 row\(s\) have an empty 'task' \(rows \[3, 4\].*name their task, or drop"):
+        load_custom(str(path))
+    for name in ("../model", "news/sports", ".."):
+        path = tmp_path / "paths.csv"
+        pd.DataFrame(custom_rows(name, ["p", "q"], 10)).to_csv(path, index=False)
+        with pytest.raises(ValueError, match=r"cannot name a folder \(a task's adapter is saved under adapters/"):
+            load_custom(str(path))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from huggingface_hub import ModelCard
 
 from conftest import tiny_qwen
@@ -88,3 +89,18 @@ def test_benchmark_defaults_fill_only_the_flags_left_unset():
     assert (parsed().layer, parsed().head_input) == (-3, "task_tokens")
     chosen = parsed("--benchmark", "clinc150", "--layer", "-2", "--head-input", "task_tokens")
     assert (chosen.layer, chosen.head_input) == (-2, "task_tokens")
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--epochs", "0", "must be at least 1, got 0"), ("--batch-size", "-2", "must be at least 1, got -2"),
+     ("--lr", "0", "must be above 0"), ("--weight-decay", "-1", "must be at least 0.0, got -1"),
+     ("--max-length", "1", "must be at least 2, got 1"), ("--epochs", "ten", "expected an integer, got 'ten'")],
+)
+def test_training_flags_out_of_range_stop_before_any_work(flag, value, message, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from text_domains import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from hf_dtgma.errors import TrainingDivergedError, explain_out_of_memory
 from hf_dtgma.features import cache_features
 from hf_dtgma.modeling_dtgma import PatchEmbedder, task_graph_mask
 from hf_dtgma.strategies.dtgma import DTGMAStrategy
-from hf_dtgma.training import ContinualTask, ContinualTrainer
+from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig
 from hf_dtgma.training.trainer import SPLITS
 
 # ------------------------------------------------------------------------------------------ bad input, table-driven
@@ -175,6 +175,17 @@ BAD_INPUTS = [
          ValueError, r"format_version=3, and this hf_dtgma reads format 2 only \(it was saved by a newer hf_dtgma\)"),
     case("config-from-before-routing", lambda tmp: DTGMAConfig(format_version=1),
          ValueError, r"format_version=1, and this hf_dtgma reads format 2 only \(it was saved by an older hf_dtgma.*\)\. Load the model with the code saved next to it"),
+    # a task's name names its adapter's folder; the training settings are checked before any work
+    case("task-name-that-is-a-path", lambda tmp: two_tasks().add_task("../model", labels=["a", "b"]),
+         ValueError, r"Task name '\.\./model' cannot name a folder .*without '/'"),
+    case("task-name-that-is-a-path-in-the-task-list", lambda tmp: task("news/sports"),
+         ValueError, r"Task name 'news/sports' cannot name a folder"),
+    case("zero-epochs", lambda tmp: ContinualTrainingConfig(output_dir=str(tmp), epochs=0),
+         ValueError, r"`epochs` must be a whole number of at least 1, got 0"),
+    case("zero-batch-size", lambda tmp: ContinualTrainingConfig(output_dir=str(tmp), eval_batch_size=0),
+         ValueError, r"`eval_batch_size` must be a whole number of at least 1, got 0"),
+    case("negative-learning-rate", lambda tmp: ContinualTrainingConfig(output_dir=str(tmp), learning_rate=-0.01),
+         ValueError, r"`learning_rate` and `max_grad_norm` must be above 0 and `weight_decay` at least 0, got -0\.01"),
 ]
 
 

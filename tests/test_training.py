@@ -66,6 +66,27 @@ def test_resume_after_a_crash_in_task_2_gives_the_same_results(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == ["checkpoint-3", "latest_checkpoint.json"]
 
 
+def test_a_run_clears_only_its_own_interrupted_writes_and_saves_with_the_usual_permissions(tmp_path):
+    out = tmp_path / "run"
+    (out / "mine" / ".editor.tmp").mkdir(parents=True)  # the user's own hidden files, not the library's
+    (out / "mine" / ".draft.tmp").write_text("keep")
+    (out / ".notes.tmp").write_text("keep")
+    (out / ".latest_checkpoint.json.k3x_9a2b.tmp").write_text("{")  # what a killed `atomic_path` write leaves
+    (out / ".model.0123456789ab.tmp").mkdir()  # ... and a killed `save_pretrained`
+    previous = os.umask(0o022)
+    try:
+        run(out)
+    finally:
+        os.umask(previous)
+    assert (out / "mine" / ".editor.tmp").is_dir() and (out / "mine" / ".draft.tmp").read_text() == "keep"
+    assert (out / ".notes.tmp").read_text() == "keep"
+    assert not (out / ".latest_checkpoint.json.k3x_9a2b.tmp").exists() and not (out / ".model.0123456789ab.tmp").exists()
+    checkpoint = out / "checkpoint-3"
+    assert checkpoint.stat().st_mode & 0o777 == 0o755  # not tempfile's private 0o700 / 0o600
+    for path in (out / "latest_checkpoint.json", checkpoint / "trainer_state.json", checkpoint / "model" / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
 def test_resume_with_another_task_order_is_refused(tmp_path):
     run(tmp_path / "run")
     trainer = ContinualTrainer(new_model(), training_config(tmp_path / "run"))

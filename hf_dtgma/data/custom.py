@@ -138,7 +138,14 @@ def _split_parts(table: Dataset, where: str) -> dict[str, Dataset]:
 def _group(dataset: Dataset, column: str) -> dict[str, Dataset]:
     """Rows of `dataset` grouped by the value of `column` (as a string), in the order of each value's first row."""
     indices: dict[str, list[int]] = {}
-    for i, value in enumerate(column_values(dataset, column)):
+    values = column_values(dataset, column)
+    empty = [i for i, value in enumerate(values) if value is None or not str(value).strip()]
+    if empty:  # else they would become a task named "None"
+        raise ValueError(
+            f"{len(empty)} row(s) have an empty {column!r} (rows {empty[:10]}{' ...' if len(empty) > 10 else ''}, "
+            "counting from 0 after the header): name their task, or drop them."
+        )
+    for i, value in enumerate(values):
         indices.setdefault(str(value), []).append(i)
     return {value: dataset.select(rows) for value, rows in indices.items()}
 

@@ -7,6 +7,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,30 @@ from ..configuration_dtgma import HEAD_INPUTS, ROUTERS, DTGMAConfig
 from ..strategies import build_strategy
 from .reporting import write_run_outputs
 from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
+
+
+def at_least(bound: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse `type`: a number of `kind` no smaller than `bound` (so `--epochs 0` is refused before any work)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < bound:
+            raise argparse.ArgumentTypeError(f"must be at least {bound}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {bound}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type`: a number above 0 (a learning rate)."""
+    value = at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0, got 0")
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, hidden_size: int = 256) -> argparse._ArgumentGroup:
@@ -44,14 +69,14 @@ def add_training_arguments(
 ) -> argparse._ArgumentGroup:
     """The continual-training flags (`--epochs`, `--lr`, `--output-dir`, `--resume`, ...), with per-script defaults."""
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=epochs, help="most epochs per task (early stopping ends sooner)")
-    training.add_argument("--patience", type=int, default=patience, help="epochs without a better validation accuracy")
-    training.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (all processes together)")
+    training.add_argument("--epochs", type=at_least(1), default=epochs, help="most epochs per task (early stopping ends sooner)")
+    training.add_argument("--patience", type=at_least(1), default=patience, help="epochs without a better validation accuracy")
+    training.add_argument("--batch-size", type=at_least(1), default=batch_size, help="global batch size (all processes together)")
     training.add_argument(
-        "--eval-batch-size", type=int, default=256, help="evaluation batch size (changes memory use, not results)"
+        "--eval-batch-size", type=at_least(1), default=256, help="evaluation batch size (changes memory use, not results)"
     )
-    training.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (chosen on validation)")
-    training.add_argument("--weight-decay", type=float, default=0.01)
+    training.add_argument("--lr", type=positive_float, default=lr, help="peak AdamW learning rate (chosen on validation)")
+    training.add_argument("--weight-decay", type=at_least(0.0, float), default=0.01)
     training.add_argument(
         "--label-smoothing", type=float, default=None,
         help="share of each training target spread over the task's other labels (default: the script's, else 0)",

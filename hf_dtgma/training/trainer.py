@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,8 +36,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..errors import TrainingDivergedError, explain_out_of_memory
-from ..files import read_json, write_json_atomic
-from ..modeling_dtgma import DTGMAModel
+from ..files import read_json, use_default_permissions, write_json_atomic
+from ..modeling_dtgma import DTGMAModel, check_task_name
 from ..routing import right_labels
 from ..strategies.base import ContinualStrategy, model_inputs
 from ..strategies.dtgma import DTGMAStrategy
@@ -45,6 +46,8 @@ from .metrics import summarize
 CHECKPOINT_POINTER = "latest_checkpoint.json"
 STATE_NAME = "trainer_state.json"
 SPLITS = ("train", "validation", "test")
+# The temporary names `atomic_path` (mkstemp: 8 random characters) and `save_pretrained` (12 hex digits) write under.
+_INTERRUPTED_WRITE = re.compile(r"\..+\.([a-z0-9_]{8}|[0-9a-f]{12})\.tmp")
 _DAMAGED_CHECKPOINT = (
     "the checkpoint is damaged. Restore the folder, or start over without --resume (or with a new --output-dir)."
 )
@@ -65,6 +68,9 @@ class ContinualTask:
     test: Dataset
     notes: str = ""
     train_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def __post_init__(self):
+        check_task_name(self.name)  # before any feature is computed: the name becomes a folder
 
 
 @dataclass
@@ -110,6 +116,17 @@ class ContinualTrainingConfig:
     class_incremental: bool = True
 
     def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a whole number of at least 1, got {value!r}.")
+        if not self.learning_rate > 0 or not self.weight_decay >= 0 or not self.max_grad_norm > 0:
+            raise ValueError(
+                f"`learning_rate` and `max_grad_norm` must be above 0 and `weight_decay` at least 0, got "
+                f"{self.learning_rate!r}, {self.max_grad_norm!r} and {self.weight_decay!r}."
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}.")
         if self.evaluation_split not in ("test", "validation"):
             raise ValueError(f"`evaluation_split` must be 'test' or 'validation', got {self.evaluation_split!r}.")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -483,6 +500,7 @@ class ContinualTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             name = f"checkpoint-{len(state.finished_tasks)}"
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.output_dir))
+            use_default_permissions(staging)  # a checkpoint folder like any other, not mkdtemp's 0o700
             self.model.save_pretrained(staging / "model")
             write_json_atomic(staging / STATE_NAME, asdict(state))
             final = self.output_dir / name
@@ -497,11 +515,12 @@ class ContinualTrainer:
 
     def _remove_interrupted_writes(self) -> None:
         """Delete what a killed write left in `output_dir`: hidden checkpoint staging folders (`.checkpoint-k.*`) and
-        hidden temporary files and folders (`.<name>.*.tmp`, from `atomic_path` and `save_pretrained`). None of them
-        is under a real name, and nothing else is touched."""
+        hidden temporary files and folders (`.<name>.<random>.tmp`, from `atomic_path` and `save_pretrained`). None
+        of them is under a real name, and nothing else is touched (a `.notes.tmp` of the user's stays)."""
         if not self.accelerator.is_main_process or not self.output_dir.is_dir():
             return
-        leftovers = [*self.output_dir.glob(".checkpoint-*"), *self.output_dir.rglob(".*.tmp")]
+        ours = [path for path in self.output_dir.rglob(".*.tmp") if _INTERRUPTED_WRITE.fullmatch(path.name)]
+        leftovers = [*self.output_dir.glob(".checkpoint-*"), *ours]
         for path in sorted(leftovers, key=lambda p: len(p.parts)):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
