@@ -831,8 +831,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
         Args:
             inputs_embeds: `(B, N, input_dim)` token features (backbone hidden states or image patches).
             attention_mask: `(B, N)`, 1 for real tokens and 0 for padding; all ones when not given.
-            task_ids: `(B,)` task ids (a batch may mix tasks), or one id / task name for the whole batch. `None`
-                evaluates every registered task in one pass.
+            task_ids: `(B,)` task ids or a list of B task names (a batch may mix tasks), or one id / task name for
+                the whole batch. `None` evaluates every registered task in one pass.
             labels: `(B,)` label indices within each row's task; gives `loss` (needs `task_ids`).
             pixel_values: `(B, C, H, W)` images, read through the model's own patch embedder when
                 `config.image_size` is set, else through the attached backbone (see `attach_backbone`).
@@ -1204,11 +1204,16 @@ class DTGMAModel(DTGMAPreTrainedModel):
             return None, None
         if isinstance(task_ids, str):
             task_ids = self.task_index(task_ids)
+        if isinstance(task_ids, (list, tuple)) and any(isinstance(task, str) for task in task_ids):
+            task_ids = [self.task_index(task) if isinstance(task, str) else task for task in task_ids]
         task_ids = torch.as_tensor(task_ids, device=device)
         if task_ids.dim() == 0:
             task_ids = task_ids.expand(batch)
-        if task_ids.shape != (batch,) or task_ids.is_floating_point() or batch == 0:
-            raise ValueError(f"`task_ids` must be an integer tensor of shape ({batch},), got {tuple(task_ids.shape)}.")
+        if task_ids.shape != (batch,) or task_ids.is_floating_point() or task_ids.dtype == torch.bool or batch == 0:
+            raise ValueError(
+                f"`task_ids` must be an integer tensor of shape ({batch},) (or one id or task name), got "
+                f"{task_ids.dtype} of shape {tuple(task_ids.shape)}."
+            )
         low, high = torch.stack(torch.aminmax(task_ids)).tolist()
         if low < 0 or high >= len(self.task_adapters):
             raise ValueError(

@@ -100,10 +100,22 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     unknown = [name for name in args.methods if name not in STRATEGIES]
     if unknown:
         raise SystemExit(f"Unknown method(s) {unknown}; known: {', '.join(sorted(STRATEGIES))}.")
-    args.seeds = [int(seed) for seed in args.seeds.split(",")]
-    args.hparams = json.loads(args.hparams)
+    if not args.methods:
+        raise SystemExit(f"--methods names no method; known: {', '.join(sorted(STRATEGIES))}.")
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds must be whole numbers separated by commas, e.g. 0,1,2; got {args.seeds!r}.") from None
+    example = 'e.g. {"ewc": {"penalty": 1000}} (keys and strings in double quotes)'
+    try:
+        args.hparams = json.loads(args.hparams)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--hparams is not valid JSON ({error}): {example}.") from None
     if not isinstance(args.hparams, dict) or not all(isinstance(value, (dict, list)) for value in args.hparams.values()):
-        raise SystemExit('--hparams must be a JSON object: per method, an object or a list of objects, e.g. {"ewc": {"penalty": 1000}}.')
+        raise SystemExit(f"--hparams must be a JSON object: per method, an object or a list of objects, {example}.")
+    ignored = sorted(set(args.hparams) - set(args.methods))
+    if ignored:
+        raise SystemExit(f"--hparams sets {ignored}, which --methods does not run ({args.methods}): add or drop them.")
     args.output_dir = Path(args.output_dir or f"outputs/compare/{args.benchmark}")
     vision = args.benchmark in VISION_BENCHMARKS
     forwarded = ["--benchmark", args.benchmark, *rest]
@@ -164,7 +176,8 @@ def run_one(args, run_args, tasks, config, accelerator, label: str, method: str,
     if args.existing_only:
         print(f"{label} seed {seed}: no run with these settings in {folder}, left out (--existing-only)")
         return None
-    run_args.seed, run_args.output_dir, run_args.resume = seed, str(folder), False
+    # A run without results.json here was interrupted or had other settings: start it over.
+    run_args.seed, run_args.output_dir, run_args.resume, run_args.overwrite_output_dir = seed, str(folder), False, True
     started = time.perf_counter()
     _, results = train_continually(run_args, config, tasks, accelerator, method=method, hyperparameters=hyperparameters)
     results.update(settings=settings, seconds_total=time.perf_counter() - started)

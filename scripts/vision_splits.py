@@ -28,6 +28,7 @@ from hf_dtgma.training import ContinualTask
 from hf_dtgma.training.cli import (
     add_model_arguments,
     add_training_arguments,
+    at_least,
     finish_run,
     make_run_accelerator,
     model_config,
@@ -85,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
     data.add_argument("--validation-fraction", type=float, default=0.1, help="share of each class of train held out")
-    data.add_argument("--train-per-task", type=int, default=None, help="subsample each training set")
+    data.add_argument("--train-per-task", type=at_least(1), default=None, help="subsample each training set")
     data.add_argument(
-        "--max-shift", type=int, default=None,
+        "--max-shift", type=at_least(0), default=None,
         help="training augmentation: random shifts up to N pixels (default: 2 for omniglot and split_cifar100, 1 for split_mnist, else 0)",
     )
-    data.add_argument("--image-size", type=int, default=28, help="omniglot: side the 105x105 drawings are resized to")
-    data.add_argument("--classes-per-task", type=int, default=20, help="omniglot: characters per task")
+    data.add_argument("--image-size", type=at_least(1), default=28, help="omniglot: side the 105x105 drawings are resized to")
+    data.add_argument("--classes-per-task", type=at_least(2), default=20, help="omniglot: characters per task")
     data.add_argument(
         "--omniglot-tasks", choices=["characters", "alphabets"], default="characters",
         help="omniglot: groups of --classes-per-task characters, or one task per alphabet",

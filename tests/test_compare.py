@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from test_vision import write_fashion_mnist
 
@@ -63,3 +64,20 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
     assert table["methods"]["dtgma"] == summary["methods"]["dtgma"]
     assert "| dtgma | 0, 1 |" in (tmp_path / "out" / "comparison.md").read_text()
 
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0,1,"], r"--seeds must be whole numbers separated by commas, e\.g\. 0,1,2; got '0,1,'"),
+        (["--hparams", "{ewc: {penalty: 100}}"], r"--hparams is not valid JSON \(Expecting property name.*double quotes"),
+        (["--methods", "ewc", "--hparams", '{"lwf": {"distillation": 4}}'], r"sets \['lwf'\], which --methods does not"),
+        (["--methods", ","], r"--methods names no method; known: .*dtgma"),
+    ],
+)
+def test_bad_arguments_stop_before_any_work(argv, message):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compare import parse_arguments
+
+    with pytest.raises(SystemExit, match=message):
+        parse_arguments(argv)

@@ -320,3 +320,16 @@ def test_custom_rows_without_a_task_and_task_names_that_cannot_name_a_folder(tmp
         pd.DataFrame(custom_rows(name, ["p", "q"], 10)).to_csv(path, index=False)
         with pytest.raises(ValueError, match=r"cannot name a folder \(a task's adapter is saved under adapters/"):
             load_custom(str(path))
+
+
+def test_custom_files_that_cannot_be_read_and_a_folder_of_one_file(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("text,label,task\n")
+    (tmp_path / "broken.json").write_text('{"text": "a", "label": ')
+    for name, cause in (("empty.csv", "EmptyDataError"), ("header.csv", "corresponds to no data"), ("broken.json", "JSON")):
+        with pytest.raises(ValueError, match=rf"{name} cannot be read as a \.\w+ file \(.*{cause}.*at least one row"):
+            load_custom(str(tmp_path / name))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    pd.DataFrame(custom_rows("a", ["p", "q"], 10)).drop(columns="task").to_csv(folder / "phones.csv", index=False)
+    assert [task.name for task in load_custom(str(folder))] == ["phones"]  # a folder: one task per file

@@ -101,6 +101,12 @@ BAD_INPUTS = [
          KeyError, "Known tasks"),
     case("unknown-task-id", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=5),
          ValueError, r"out of range: task ids are 0\.\.1 for tasks \['sentiment', 'topic'\]"),
+    case("float-task-ids", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=torch.tensor([0.0, 1.0])),
+         ValueError, r"integer tensor of shape \(2,\) \(or one id or task name\), got torch.float32 of shape \(2,\)"),
+    case("boolean-task-id", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=True),
+         ValueError, r"got torch.bool of shape \(2,\)"),
+    case("unknown-task-name-in-a-list", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=["topic", "weather"]),
+         KeyError, r"Unknown task 'weather'. Known tasks: \['sentiment', 'topic'\]"),
     case("negative-task-id", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=torch.tensor([0, -1])),
          ValueError, "out of range"),
     # a task added twice

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,38 @@ def test_resume_with_another_task_order_is_refused(tmp_path):
     trainer = ContinualTrainer(new_model(), training_config(tmp_path / "run"))
     with pytest.raises(ValueError, match="same benchmark and order"):
         trainer.fit(list(reversed(synthetic_tasks())), resume=True)
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
+    with pytest.warns(UserWarning, match=r"Nothing to resume in .*empty \(no latest_checkpoint.json\): starting from"):
+        results, _ = run(tmp_path / "empty", resume=True)
+    assert len(results["task_il"]["accuracy_matrix"]) == 3
+
+
+def test_resume_with_other_model_settings_is_refused(tmp_path):
+    run(tmp_path / "run")
+    torch.manual_seed(0)
+    wider = DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=32, num_heads=2, task_rank=2, hidden_dropout=0.0))
+    with pytest.raises(ValueError, match=r"other model settings than this run's: hidden_size: 16 → 32.*Resume with"):
+        ContinualTrainer(wider, training_config(tmp_path / "run")).fit(synthetic_tasks(), resume=True)
+
+
+def test_a_new_run_replaces_another_only_when_told(tmp_path):
+    out = tmp_path / "run"
+    results, trainer = run(out)
+    write_run_outputs(trainer.model, results, out)
+    with pytest.raises(ValueError, match=r"holds another run \(checkpoint checkpoint-3\).*--resume.*--overwrite-output-dir"):
+        run(out)
+    assert (out / "checkpoint-3").is_dir() and sorted(p.name for p in (out / "adapters").iterdir()) == [
+        "task0", "task1", "task2"
+    ]
+    config = replace(training_config(out), overwrite_output_dir=True)
+    trainer = ContinualTrainer(new_model(), config)
+    results = trainer.fit(synthetic_tasks()[:1])
+    write_run_outputs(trainer.model, results, out)
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-3").exists()
+    assert [p.name for p in (out / "adapters").iterdir()] == ["task0"]  # the adapters match the model in model/
+    assert DTGMAModel.from_pretrained(out / "model").tasks == ["task0"]
 
 
 def launch(tmp_path: Path, script: str, output_dir: Path, *flags: str) -> dict:

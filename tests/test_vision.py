@@ -316,3 +316,17 @@ def test_vision_script_runs_end_to_end(tmp_path):
     assert model.config.patch_embedder == "per_task" and model.tasks == ["t-shirt_trouser", "pullover_dress"]
     assert model(pixel_values=torch.randn(2, 1, 28, 28)).logits.shape == (2, 2, 2)
     assert (tmp_path / "out" / "adapters" / "pullover_dress" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--classes-per-task", "1", "must be at least 2, got 1"), ("--max-shift", "-1", "must be at least 0, got -1"),
+     ("--image-size", "0", "must be at least 1, got 0"), ("--train-per-task", "0", "must be at least 1, got 0")],
+)
+def test_vision_flags_out_of_range_stop_before_any_work(flag, value, message, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from vision_splits import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from ..training.trainer import ContinualTask
 from .splits import carve_split, column_values, int_labels, labelled_split
@@ -83,7 +84,8 @@ def load_custom(
         origin = f"Hub {hub_id}"
     else:
         files = _files_of(data_files)
-        if len(files) == 1:
+        folder = isinstance(data_files, (str, Path)) and Path(data_files).is_dir()
+        if len(files) == 1 and not folder:  # a folder is one task per file, even with one file in it
             table = _read_file(files[0])
             _check_columns({"all": table}, files[0].name, {**columns, "task_column": task_column})
             tables = _group(table, task_column) if task_column is not None else {files[0].stem: table}
@@ -121,7 +123,14 @@ def _files_of(data_files: str | list[str]) -> list[Path]:
 
 def _read_file(path: Path) -> Dataset:
     builder, kwargs = BUILDERS[path.suffix.lower()]
-    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except (DatasetGenerationError, ValueError) as error:  # empty, header only, malformed
+        cause = error.__cause__ or error
+        raise ValueError(
+            f"{path} cannot be read as a {path.suffix} file ({type(cause).__name__}: {cause}): it needs a header (or "
+            "keys) naming the columns and at least one row; fix the file or leave it out."
+        ) from error
 
 
 def _split_parts(table: Dataset, where: str) -> dict[str, Dataset]:

@@ -91,6 +91,9 @@ def add_training_arguments(
     training.add_argument("--output-dir", default=None, help="default: outputs/<benchmark>")
     training.add_argument("--resume", action="store_true", help="continue after the last finished task in --output-dir")
     training.add_argument(
+        "--overwrite-output-dir", action="store_true", help="start over in an --output-dir that holds another run"
+    )
+    training.add_argument(
         "--evaluate-on", choices=["test", "validation"], default="test",
         help="split of the accuracy matrix: 'validation' to compare settings without reading a test split",
     )
@@ -132,7 +135,7 @@ def train_continually(
             output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
             eval_batch_size=args.eval_batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
             label_smoothing=args.label_smoothing or 0.0, patience=args.patience, seed=args.seed, log_with=args.log_with,
-            evaluation_split=evaluation_split or args.evaluate_on,
+            evaluation_split=evaluation_split or args.evaluate_on, overwrite_output_dir=args.overwrite_output_dir,
         ),
         accelerator=accelerator,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from ..files import write_json_atomic, write_text_atomic
@@ -104,7 +105,8 @@ def plot_accuracy_matrix(matrix: list[list[float]], names: list[str], path: Path
 def write_run_outputs(model: DTGMAModel, results: dict, output_dir: str | os.PathLike) -> None:
     """Write `results.json`, `results.md`, `accuracy_matrix.png`, the final model with its model card (`model/`,
     `model/README.md`: a folder ready for the Hub) and one adapter folder per task (`adapters/<task>/`) to
-    `output_dir`."""
+    `output_dir`. An earlier run's adapters of tasks this model does not have are removed, so the folder describes
+    one run."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "results.json", results)
@@ -115,3 +117,6 @@ def write_run_outputs(model: DTGMAModel, results: dict, output_dir: str | os.Pat
     write_text_atomic(output_dir / "model" / "README.md", str(render_model_card(model, results)))
     for name in model.tasks:
         model.save_task(name, output_dir / "adapters" / name)
+    for stale in (output_dir / "adapters").glob("*/adapter_config.json"):  # an earlier run's task, not this model's
+        if stale.parent.name not in model.tasks:
+            shutil.rmtree(stale.parent)

@@ -16,12 +16,14 @@ beginning with its own seed, so the results equal the uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from ..configuration_dtgma import DTGMAConfig
 from ..errors import TrainingDivergedError, explain_out_of_memory
 from ..files import read_json, use_default_permissions, write_json_atomic
 from ..modeling_dtgma import DTGMAModel, check_task_name
@@ -94,6 +97,8 @@ class ContinualTrainingConfig:
         evaluation_split: the split each row of the accuracy matrix is measured on: "test" (default), or
             "validation" to compare settings without ever reading a test split.
         label_smoothing: spread this much of each training target over the task's other labels (every method alike).
+        overwrite_output_dir: start a new run in an `output_dir` that holds another run's checkpoint (which is then
+            replaced). Without it, and without `fit(resume=True)`, that is an error: nothing finished is lost.
         class_incremental: also measure class-incremental accuracy after every task: no task id given, the whole
             label space of the tasks seen so far (`ContinualStrategy.class_il_predict`; DTG-MA routes).
     """
@@ -114,6 +119,7 @@ class ContinualTrainingConfig:
     evaluation_split: str = "test"
     label_smoothing: float = 0.0
     class_incremental: bool = True
+    overwrite_output_dir: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
@@ -131,6 +137,19 @@ class ContinualTrainingConfig:
             raise ValueError(f"`evaluation_split` must be 'test' or 'validation', got {self.evaluation_split!r}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r} (0.1 is usual).")
+
+
+# What a run's tasks and routing thresholds add to a `DTGMAConfig`: the rest is fixed when the run starts.
+_GROWN_SETTINGS = {"tasks", "shared_frozen", "reject_threshold", "format_version", "kwargs", "self"}
+
+
+def _changed_settings(saved: DTGMAConfig, wanted: DTGMAConfig) -> list[str]:
+    """`name: saved → wanted` for every `DTGMAConfig` setting (backbone included) on which two configs differ."""
+    names = [name for name in inspect.signature(DTGMAConfig.__init__).parameters if name not in _GROWN_SETTINGS]
+    return [
+        f"{name}: {getattr(saved, name, None)!r} → {getattr(wanted, name, None)!r}"
+        for name in names if getattr(saved, name, None) != getattr(wanted, name, None)
+    ]
 
 
 def make_accelerator(
@@ -279,6 +298,12 @@ class ContinualTrainer:
         if resume and not self.strategy.supports_checkpoints:
             raise ValueError(f"The {self.strategy.name!r} strategy writes no checkpoints, so it cannot resume.")
         self._tasks = tasks
+        if not resume and not self.config.overwrite_output_dir and self._latest_checkpoint() is not None:
+            raise ValueError(
+                f"{self.output_dir} holds another run (checkpoint {self._latest_checkpoint().name}). Continue it with "
+                "--resume (`fit(resume=True)`), start it over with --overwrite-output-dir (`overwrite_output_dir=True`"
+                "), or pick a new --output-dir."
+            )
         state = self._resume(tasks) if resume else _RunState()
         if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:
             raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
@@ -541,6 +566,7 @@ class ContinualTrainer:
         corrupted checkpoint is a `ValueError` (nothing on disk changes)."""
         checkpoint = self._latest_checkpoint()
         if checkpoint is None:
+            warnings.warn(f"Nothing to resume in {self.output_dir} (no {CHECKPOINT_POINTER}): starting from the first task.")
             return _RunState()
         try:
             state = _RunState(**read_json(checkpoint / STATE_NAME, _DAMAGED_CHECKPOINT))
@@ -558,6 +584,12 @@ class ContinualTrainer:
             model = type(self.model).from_pretrained(checkpoint / "model")
         except (OSError, ValueError) as error:
             raise ValueError(f"Cannot resume from {checkpoint}: {error} {_DAMAGED_CHECKPOINT}") from error
+        changed = _changed_settings(model.config, self.model.config)
+        if changed:
+            raise ValueError(
+                f"The checkpoint in {self.output_dir} was trained with other model settings than this run's: "
+                f"{'; '.join(changed)}. Resume with the flags it was started with, or use a new --output-dir."
+            )
         self.strategy = DTGMAStrategy(model.to(self.accelerator.device))
         return state
 
