@@ -114,8 +114,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     if not isinstance(args.hparams, dict) or not all(isinstance(value, (dict, list)) for value in args.hparams.values()):
         raise SystemExit(f"--hparams must be a JSON object: per method, an object or a list of objects, {example}.")
     ignored = sorted(set(args.hparams) - set(args.methods))
-    if ignored:
-        raise SystemExit(f"--hparams sets {ignored}, which --methods does not run ({args.methods}): add or drop them.")
+    if ignored:  # e.g. the same flags with fewer --methods: allowed, but said
+        print(f"Note: --hparams sets {ignored}, which --methods does not run ({args.methods}): ignored.", file=sys.stderr)
     args.output_dir = Path(args.output_dir or f"outputs/compare/{args.benchmark}")
     vision = args.benchmark in VISION_BENCHMARKS
     forwarded = ["--benchmark", args.benchmark, *rest]
