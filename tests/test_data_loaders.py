@@ -333,3 +333,13 @@ def test_custom_files_that_cannot_be_read_and_a_folder_of_one_file(tmp_path):
     folder.mkdir()
     pd.DataFrame(custom_rows("a", ["p", "q"], 10)).drop(columns="task").to_csv(folder / "phones.csv", index=False)
     assert [task.name for task in load_custom(str(folder))] == ["phones"]  # a folder: one task per file
+
+
+def test_custom_labels_without_a_training_row_are_refused(tmp_path):
+    rows = [{**row, "split": "train"} for row in custom_rows("a", ["p", "q"], 10)]
+    rows += [{**row, "split": "test"} for row in custom_rows("a", ["p", "q", "r"], 3)]
+    rows += [{**row, "split": "validation"} for row in custom_rows("a", ["p", "q"], 3)]
+    path = tmp_path / "test_only_label.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"Task 'a' \(test_only_label.csv\): no training row has the label\(s\) \['r'\]"):
+        load_custom(str(path))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from test_main_job import ROOT, write_csv
 from test_training import new_model, training_config
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
+from hf_dtgma.backbones import open_text_backbone
 from hf_dtgma.batches import batch_loader
 from hf_dtgma.data.vision import load_split_cifar100
 from hf_dtgma.errors import TrainingDivergedError, explain_out_of_memory
@@ -46,6 +48,11 @@ def image_model() -> DTGMAModel:
     model = make_model(input_dim=INPUT_DIM, image_size=28, patch_size=7, num_channels=1)
     model.add_task("digits", labels=["0", "1"])
     return model.eval()
+
+
+def saved_folder(model: DTGMAModel, folder: Path) -> str:
+    model.save_pretrained(folder)
+    return str(folder)
 
 
 def features(batch: int = 2, tokens: int = 4, width: int = INPUT_DIM, poison: float | None = None) -> torch.Tensor:
@@ -107,6 +114,13 @@ BAD_INPUTS = [
          ValueError, r"got torch.bool of shape \(2,\)"),
     case("unknown-task-name-in-a-list", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=["topic", "weather"]),
          KeyError, r"Unknown task 'weather'. Known tasks: \['sentiment', 'topic'\]"),
+    case("deferred-backbone-attached", lambda tmp: two_tasks().attach_backbone(SimpleNamespace(backbone=None)),
+         TypeError, r"takes a module such as `TextBackbone` or `PatchEmbedder`, got SimpleNamespace \(a deferred backbone: attach its `.backbone`\)"),
+    case("predict-no-texts", lambda tmp: two_tasks().predict([]), ValueError, r"`texts` is empty"),
+    case("backbone-folder-missing", lambda tmp: open_text_backbone(str(tmp / "nope")),
+         FileNotFoundError, r"nope: no such folder, and not a Hub id"),
+    case("dtgma-model-as-backbone", lambda tmp: open_text_backbone(saved_folder(two_tasks(), tmp / "model")),
+         ValueError, r"model is a DTG-MA model, not a backbone: pass the backbone it was trained on"),
     case("negative-task-id", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=torch.tensor([0, -1])),
          ValueError, "out of range"),
     # a task added twice

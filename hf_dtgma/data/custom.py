@@ -214,6 +214,12 @@ def _make_task(name: str, parts: dict[str, Dataset], text_column: str, label_col
                      f"({sizes[split]}, {how}, seed {seed})")
     if missing:
         notes.append(f"train: the remaining {len(pool)}")
+    untrained = sorted(set(range(len(labels))) - set(pool["label"]))
+    if untrained:  # a head could never learn them, and they would still be scored
+        raise ValueError(
+            f"Task {name!r} ({origin}): no training row has the label(s) {[labels[i] for i in untrained]}: add "
+            "training rows for them, or drop their rows."
+        )
     return ContinualTask(
         name=name,
         labels=labels,
