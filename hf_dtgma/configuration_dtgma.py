@@ -196,6 +196,9 @@ class DTGMAConfig(PreTrainedConfig):
                 f"DTGMAConfig: `hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}); "
                 f"choose e.g. num_heads={next(h for h in (8, 4, 2, 1) if hidden_size % h == 0)}."
             )
+        for name, value in (("hidden_dropout", hidden_dropout), ("attention_dropout", attention_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"DTGMAConfig: `{name}` is a probability in [0, 1), got {value!r} (0.1 is usual).")
         if task_param_mode not in TASK_PARAM_MODES:
             raise ValueError(f"DTGMAConfig: `task_param_mode` must be one of {TASK_PARAM_MODES}, got {task_param_mode!r}.")
         if shared_training not in SHARED_TRAINING_MODES:

@@ -121,6 +121,8 @@ BAD_INPUTS = [
          FileNotFoundError, r"nope: no such folder, and not a Hub id"),
     case("dtgma-model-as-backbone", lambda tmp: open_text_backbone(saved_folder(two_tasks(), tmp / "model")),
          ValueError, r"model is a DTG-MA model, not a backbone: pass the backbone it was trained on"),
+    case("dropout-not-a-probability", lambda tmp: DTGMAConfig(attention_dropout=-1),
+         ValueError, r"`attention_dropout` is a probability in \[0, 1\), got -1"),
     case("negative-task-id", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=torch.tensor([0, -1])),
          ValueError, "out of range"),
     # a task added twice
