@@ -17,6 +17,7 @@ Needs a token with write access (`hf auth login`, HF_TOKEN, or --token). Nothing
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from hf_dtgma import DTGMAModel
@@ -63,6 +64,8 @@ def main() -> None:
             results = None
             if results_path.exists():
                 results = read_json(results_path, "re-run the training, or push with --no-model")
+            else:
+                print(f"Note: no {results_path}: the model card will have no results section.", file=sys.stderr)
             card = render_model_card(model, results, repo_id=args.repo_id, adapters=tasks)
             print(f"Pushing the model ({len(model.tasks)} tasks), its card and the adapters {tasks} to {args.repo_id}")
             commit = push_model(model, args.repo_id, card=card, tasks=tasks, private=private, token=args.token)

@@ -333,6 +333,16 @@ def test_push_script_pushes_a_finished_run_and_leaves_it_untouched(hub, tmp_path
     assert folder_bytes(tmp_path / "run") == before
 
 
+def test_push_script_says_when_a_run_has_no_results(hub, tmp_path, monkeypatch, capsys):
+    model = base_model()
+    model.add_task("topic", labels=["finance", "science", "sports"])
+    write_run_outputs(model, fake_results(model), tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()
+    run_push_script(monkeypatch, str(tmp_path / "run"), "--repo-id", "alice/run", "--all-tasks")
+    assert "results.json: the model card will have no results section" in capsys.readouterr().err
+    assert not ModelCard.load(hub.repo("alice/run") / "README.md").data.eval_results
+
+
 def test_a_failed_upload_leaves_the_run_and_the_repository_as_they_were(hub, tmp_path, monkeypatch, capsys):
     model = base_model()
     write_run_outputs(model, fake_results(model), tmp_path / "run")
