@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .modeling_dtgma import atomic_path
+from .modeling_dtgma import atomic_path, current_umask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -25,9 +25,7 @@ def write_json_atomic(path: str | Path, payload: dict) -> None:
 def use_default_permissions(path: str | Path) -> None:
     """Give `path` the permissions a plain `open` / `mkdir` would (0o666 / 0o777 less the umask): `tempfile` makes
     its files and folders private (0o600 / 0o700), which would carry over to what is renamed into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~current_umask())
 
 
 def read_json(path: str | Path, fix: str) -> Any:

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,7 +334,7 @@ def check_task_name(name: Any) -> None:
     `.` or `..`, without path separators or control characters; otherwise a `ValueError` saying so."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"Task name must be a non-empty string, got {name!r}.")
-    if name in (".", "..") or any(char in name for char in "/\\") or not name.isprintable():
+    if name in (".", "..") or any(char in "/\\" or unicodedata.category(char) == "Cc" for char in name):
         raise ValueError(
             f"Task name {name!r} cannot name a folder (a task's adapter is saved under adapters/<task name>): use a "
             "name without '/', '\\' or control characters, other than '.' and '..'."
@@ -1405,7 +1406,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", save_directory.name)  # the default, not the staging folder's name
         save_directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = save_directory.parent / f".{save_directory.name}.{uuid.uuid4().hex[:12]}.tmp"
+        staging = save_directory.parent / f".{save_directory.name}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}"
         staging.mkdir()
         try:
             super().save_pretrained(staging, *args, **kwargs)
@@ -1421,19 +1422,36 @@ class DTGMAModel(DTGMAPreTrainedModel):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+TEMPORARY_SUFFIX = ".hf_dtgma.tmp"  # every temporary name this library writes ends so (and nothing else it deletes)
+_UMASK_AT_IMPORT = os.umask(0o022)
+os.umask(_UMASK_AT_IMPORT)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (`/proc/self/status` on Linux): setting it
+    to read it would, for a moment, apply to every thread's new files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
 class atomic_path:
-    """Context manager giving a temporary path next to `target` (`.<name>.<8 random characters>.tmp`), renamed onto
+    """Context manager giving a temporary path next to `target` (`.<name>.<random>.hf_dtgma.tmp`), renamed onto
     `target` on success. The file gets the permissions of a plain `open` (0o666 less the umask), not mkstemp's 0o600."""
 
     def __init__(self, target: Path):
         self.target = Path(target)
 
     def __enter__(self) -> str:
-        handle, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        handle, self.tmp = tempfile.mkstemp(
+            prefix=f".{self.target.name}.", suffix=TEMPORARY_SUFFIX, dir=self.target.parent
+        )
         os.close(handle)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
+        os.chmod(self.tmp, 0o666 & ~current_umask())
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,6 +1,7 @@
 """The CLINC150, CL-benchmark and custom loaders, on small files written here in the real layouts (no download)."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -313,7 +314,7 @@ def test_custom_rows_without_a_task_and_task_names_that_cannot_name_a_folder(tmp
         row["task"] = None  # an empty cell in the CSV
     path = tmp_path / "blank.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
-    with pytest.raises(ValueError, match=r"2 row\(s\) have an empty 'task' \(rows \[3, 4\].*name their task, or drop"):
+    with pytest.raises(ValueError, match=r"blank.csv: 2 row\(s\) have an empty 'task' \(rows \[3, 4\].*give each its task"):
         load_custom(str(path))
     for name in ("../model", "news/sports", ".."):
         path = tmp_path / "paths.csv"
@@ -343,3 +344,15 @@ def test_custom_labels_without_a_training_row_are_refused(tmp_path):
     pd.DataFrame(rows).to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"Task 'a' \(test_only_label.csv\): no training row has the label\(s\) \['r'\]"):
         load_custom(str(path))
+
+    rows = custom_rows("a", ["p", "q"], 10) + custom_rows("a", ["r"], 1)  # r's one row cannot be in every split
+    path = tmp_path / "carved.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    refused = 0
+    for seed in range(8):
+        try:
+            load_custom(str(path), seed=seed)
+        except ValueError as error:
+            refused += 1
+            assert re.search(r"the carved test and validation split took every row of the label\(s\) \['r'\]", str(error))
+    assert refused > 0

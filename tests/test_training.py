@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,16 +74,18 @@ def test_a_run_clears_only_its_own_interrupted_writes_and_saves_with_the_usual_p
     (out / "mine" / ".editor.tmp").mkdir(parents=True)  # the user's own hidden files, not the library's
     (out / "mine" / ".draft.tmp").write_text("keep")
     (out / ".notes.tmp").write_text("keep")
-    (out / ".latest_checkpoint.json.k3x_9a2b.tmp").write_text("{")  # what a killed `atomic_path` write leaves
-    (out / ".model.0123456789ab.tmp").mkdir()  # ... and a killed `save_pretrained`
+    (out / ".notes.20240612.tmp").write_text("keep")
+    (out / ".latest_checkpoint.json.k3x_9a2b.hf_dtgma.tmp").write_text("{")  # what a killed `atomic_path` leaves
+    (out / ".model.0123456789ab.hf_dtgma.tmp").mkdir()  # ... a killed `save_pretrained`
+    (out / ".checkpoint-1.x1y2z3.hf_dtgma.tmp").mkdir()  # ... and a killed checkpoint write
     previous = os.umask(0o022)
     try:
         run(out)
     finally:
         os.umask(previous)
     assert (out / "mine" / ".editor.tmp").is_dir() and (out / "mine" / ".draft.tmp").read_text() == "keep"
-    assert (out / ".notes.tmp").read_text() == "keep"
-    assert not (out / ".latest_checkpoint.json.k3x_9a2b.tmp").exists() and not (out / ".model.0123456789ab.tmp").exists()
+    assert (out / ".notes.tmp").read_text() == (out / ".notes.20240612.tmp").read_text() == "keep"
+    assert not [path.name for path in out.iterdir() if path.name.endswith(".hf_dtgma.tmp")]
     checkpoint = out / "checkpoint-3"
     assert checkpoint.stat().st_mode & 0o777 == 0o755  # not tempfile's private 0o700 / 0o600
     for path in (out / "latest_checkpoint.json", checkpoint / "trainer_state.json", checkpoint / "model" / "config.json"):
@@ -113,18 +117,35 @@ def test_a_new_run_replaces_another_only_when_told(tmp_path):
     out = tmp_path / "run"
     results, trainer = run(out)
     write_run_outputs(trainer.model, results, out)
-    with pytest.raises(ValueError, match=r"holds another run \(checkpoint checkpoint-3\).*--resume.*--overwrite-output-dir"):
+    with pytest.raises(ValueError, match=r"holds another run\. Continue it with --resume.*--overwrite-output-dir"):
         run(out)
     assert (out / "checkpoint-3").is_dir() and sorted(p.name for p in (out / "adapters").iterdir()) == [
         "task0", "task1", "task2"
     ]
     config = replace(training_config(out), overwrite_output_dir=True)
     trainer = ContinualTrainer(new_model(), config)
+    def crash(self, index, task):
+        raise RuntimeError("killed")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        patch.setattr(ContinualTrainer, "_train_task", crash)  # a crash before the new run's first checkpoint ...
+        trainer.fit(synthetic_tasks()[:1])
+    assert not (out / "latest_checkpoint.json").exists() and not (out / "checkpoint-3").exists()  # ... resumes nothing old
+    trainer = ContinualTrainer(new_model(), config)
     results = trainer.fit(synthetic_tasks()[:1])
     write_run_outputs(trainer.model, results, out)
     assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-3").exists()
     assert [p.name for p in (out / "adapters").iterdir()] == ["task0"]  # the adapters match the model in model/
     assert DTGMAModel.from_pretrained(out / "model").tasks == ["task0"]
+    (out / "latest_checkpoint.json").unlink()  # a finished run without its checkpoint is still a run
+    shutil.rmtree(out / "checkpoint-1")
+    with pytest.raises(ValueError, match="holds another run"):
+        run(out)
+
+
+def test_settings_may_be_numpy_integers(tmp_path):
+    config = ContinualTrainingConfig(output_dir=str(tmp_path), epochs=np.int64(2), batch_size=np.int32(8))
+    assert config.epochs == 2 and config.batch_size == 8
 
 
 def launch(tmp_path: Path, script: str, output_dir: Path, *flags: str) -> dict:

@@ -88,8 +88,11 @@ def load_custom(
         if len(files) == 1 and not folder:  # a folder is one task per file, even with one file in it
             table = _read_file(files[0])
             _check_columns({"all": table}, files[0].name, {**columns, "task_column": task_column})
-            tables = _group(table, task_column) if task_column is not None else {files[0].stem: table}
-            sources = [(task, _split_parts(rows, files[0].name)) for task, rows in tables.items()]
+            if task_column is not None:
+                tables = _group(table, task_column, files[0].name, "task")
+            else:
+                tables = {files[0].stem: table}
+            sources = [(task, _split_parts(rows, f"{files[0].name}, task {task!r}")) for task, rows in tables.items()]
         else:
             sources = []
             for path in files:
@@ -137,22 +140,23 @@ def _split_parts(table: Dataset, where: str) -> dict[str, Dataset]:
     """A task's rows split by the `split` column when there is one ({"train": ..., ...}), else {"all": rows}."""
     if SPLIT_COLUMN not in table.column_names:
         return {"all": table}
-    parts = _group(table, SPLIT_COLUMN)
+    parts = _group(table, SPLIT_COLUMN, where, "split (train, validation or test)")
     unknown = sorted(set(parts) - set(SPLITS))
     if unknown:
         raise ValueError(f"{where}: the `{SPLIT_COLUMN}` column may only hold {', '.join(SPLITS)}; found {unknown}.")
     return parts
 
 
-def _group(dataset: Dataset, column: str) -> dict[str, Dataset]:
-    """Rows of `dataset` grouped by the value of `column` (as a string), in the order of each value's first row."""
+def _group(dataset: Dataset, column: str, where: str, meaning: str) -> dict[str, Dataset]:
+    """Rows of `dataset` grouped by the value of `column` (as a string), in the order of each value's first row;
+    `where` / `meaning` (e.g. "tasks.csv" / "task") for the error about empty cells."""
     indices: dict[str, list[int]] = {}
     values = column_values(dataset, column)
     empty = [i for i, value in enumerate(values) if value is None or not str(value).strip()]
     if empty:  # else they would become a task named "None"
         raise ValueError(
-            f"{len(empty)} row(s) have an empty {column!r} (rows {empty[:10]}{' ...' if len(empty) > 10 else ''}, "
-            "counting from 0 after the header): name their task, or drop them."
+            f"{where}: {len(empty)} row(s) have an empty {column!r} (rows {empty[:10]}{' ...' if len(empty) > 10 else ''}"
+            f", counting its data rows from 0): give each its {meaning}, or drop them."
         )
     for i, value in enumerate(values):
         indices.setdefault(str(value), []).append(i)
@@ -174,7 +178,7 @@ def _hub_tasks(source: dict[str, Dataset], name: str, task_column: str | None) -
         return [(name, source)]
     tasks: dict[str, dict[str, Dataset]] = {}
     for split in (s for s in SPLITS if s in source):
-        for task, rows in _group(source[split], task_column).items():
+        for task, rows in _group(source[split], task_column, f"Hub {name}, split {split}", "task").items():
             tasks.setdefault(task, {})[split] = rows
     return list(tasks.items())
 
@@ -216,10 +220,13 @@ def _make_task(name: str, parts: dict[str, Dataset], text_column: str, label_col
         notes.append(f"train: the remaining {len(pool)}")
     untrained = sorted(set(range(len(labels))) - set(pool["label"]))
     if untrained:  # a head could never learn them, and they would still be scored
-        raise ValueError(
-            f"Task {name!r} ({origin}): no training row has the label(s) {[labels[i] for i in untrained]}: add "
-            "training rows for them, or drop their rows."
-        )
+        which = [labels[i] for i in untrained]
+        if "train" in parts:
+            raise ValueError(f"Task {name!r} ({origin}): no training row has the label(s) {which}: add training rows "
+                             "for them, or drop their rows.")
+        raise ValueError(f"Task {name!r} ({origin}): the carved {' and '.join(missing)} split took every row of the "
+                         f"label(s) {which}: add rows for them (each label needs rows to train on), or give the splits "
+                         "in a `split` column.")
     return ContinualTask(
         name=name,
         labels=labels,

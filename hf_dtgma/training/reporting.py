@@ -115,8 +115,8 @@ def write_run_outputs(model: DTGMAModel, results: dict, output_dir: str | os.Pat
     plot_accuracy_matrix(results["task_il"]["accuracy_matrix"], names, output_dir / "accuracy_matrix.png", results.get("benchmark", ""))
     model.save_pretrained(output_dir / "model")
     write_text_atomic(output_dir / "model" / "README.md", str(render_model_card(model, results)))
+    for stale in (output_dir / "adapters").glob("*/adapter_config.json"):  # an earlier run's task, not this model's
+        if stale.parent.name not in model.tasks:  # (removed first: on a case-insensitive disk "News" is "news")
+            shutil.rmtree(stale.parent)
     for name in model.tasks:
         model.save_task(name, output_dir / "adapters" / name)
-    for stale in (output_dir / "adapters").glob("*/adapter_config.json"):  # an earlier run's task, not this model's
-        if stale.parent.name not in model.tasks:
-            shutil.rmtree(stale.parent)

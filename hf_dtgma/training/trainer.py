@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -40,7 +40,7 @@ from transformers import get_linear_schedule_with_warmup
 from ..configuration_dtgma import DTGMAConfig
 from ..errors import TrainingDivergedError, explain_out_of_memory
 from ..files import read_json, use_default_permissions, write_json_atomic
-from ..modeling_dtgma import DTGMAModel, check_task_name
+from ..modeling_dtgma import TEMPORARY_SUFFIX, DTGMAModel, check_task_name
 from ..routing import right_labels
 from ..strategies.base import ContinualStrategy, model_inputs
 from ..strategies.dtgma import DTGMAStrategy
@@ -49,10 +49,8 @@ from .metrics import summarize
 CHECKPOINT_POINTER = "latest_checkpoint.json"
 STATE_NAME = "trainer_state.json"
 SPLITS = ("train", "validation", "test")
-# The temporary names `atomic_path` (mkstemp: 8 random characters) and `save_pretrained` (12 hex digits) write under.
-_INTERRUPTED_WRITE = re.compile(r"\..+\.([a-z0-9_]{8}|[0-9a-f]{12})\.tmp")
 _DAMAGED_CHECKPOINT = (
-    "the checkpoint is damaged. Restore the folder, or start over without --resume (or with a new --output-dir)."
+    "the checkpoint is damaged. Restore the folder, or start over with --overwrite-output-dir (or a new --output-dir)."
 )
 
 
@@ -124,7 +122,7 @@ class ContinualTrainingConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"`{name}` must be a whole number of at least 1, got {value!r}.")
         if not self.learning_rate > 0 or not self.weight_decay >= 0 or not self.max_grad_norm > 0:
             raise ValueError(
@@ -298,12 +296,13 @@ class ContinualTrainer:
         if resume and not self.strategy.supports_checkpoints:
             raise ValueError(f"The {self.strategy.name!r} strategy writes no checkpoints, so it cannot resume.")
         self._tasks = tasks
-        if not resume and not self.config.overwrite_output_dir and self._latest_checkpoint() is not None:
-            raise ValueError(
-                f"{self.output_dir} holds another run (checkpoint {self._latest_checkpoint().name}). Continue it with "
-                "--resume (`fit(resume=True)`), start it over with --overwrite-output-dir (`overwrite_output_dir=True`"
-                "), or pick a new --output-dir."
-            )
+        if not resume and self._holds_a_run():
+            if not self.config.overwrite_output_dir:
+                raise ValueError(
+                    f"{self.output_dir} holds another run. Continue it with --resume (`fit(resume=True)`), start it over "
+                    "with --overwrite-output-dir (`overwrite_output_dir=True`), or pick a new --output-dir."
+                )
+            self._discard_previous_run()
         state = self._resume(tasks) if resume else _RunState()
         if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:
             raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
@@ -524,7 +523,7 @@ class ContinualTrainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             name = f"checkpoint-{len(state.finished_tasks)}"
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.output_dir))
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=TEMPORARY_SUFFIX, dir=self.output_dir))
             use_default_permissions(staging)  # a checkpoint folder like any other, not mkdtemp's 0o700
             self.model.save_pretrained(staging / "model")
             write_json_atomic(staging / STATE_NAME, asdict(state))
@@ -538,14 +537,31 @@ class ContinualTrainer:
                 shutil.rmtree(previous, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    def _holds_a_run(self) -> bool:
+        """Whether `output_dir` holds a run's checkpoint pointer, results, model or adapters."""
+        folder = self.output_dir
+        return any(
+            path.exists() for path in (folder / CHECKPOINT_POINTER, folder / "results.json", folder / "model" / "config.json")
+        ) or any((folder / "adapters").glob("*/adapter_config.json"))
+
+    def _discard_previous_run(self) -> None:
+        """Before an overwriting run trains: drop the earlier run's checkpoint pointer (first, so that no crash can
+        leave it naming the earlier run for a --resume), then its checkpoints. Its results, model and adapters are
+        replaced when this run writes its own (`write_run_outputs`)."""
+        if self.accelerator.is_main_process:
+            (self.output_dir / CHECKPOINT_POINTER).unlink(missing_ok=True)
+            for checkpoint in self.output_dir.glob("checkpoint-*"):
+                if checkpoint.is_dir() and checkpoint.name.removeprefix("checkpoint-").isdigit():
+                    shutil.rmtree(checkpoint)
+        self.accelerator.wait_for_everyone()
+
     def _remove_interrupted_writes(self) -> None:
-        """Delete what a killed write left in `output_dir`: hidden checkpoint staging folders (`.checkpoint-k.*`) and
-        hidden temporary files and folders (`.<name>.<random>.tmp`, from `atomic_path` and `save_pretrained`). None
-        of them is under a real name, and nothing else is touched (a `.notes.tmp` of the user's stays)."""
+        """Delete what a killed write left in `output_dir`: the hidden temporary files and folders this library
+        writes under (`.<name>.<random>.hf_dtgma.tmp`: checkpoint staging folders, `atomic_path`, `save_pretrained`).
+        None of them is under a real name, and nothing else is touched."""
         if not self.accelerator.is_main_process or not self.output_dir.is_dir():
             return
-        ours = [path for path in self.output_dir.rglob(".*.tmp") if _INTERRUPTED_WRITE.fullmatch(path.name)]
-        leftovers = [*self.output_dir.glob(".checkpoint-*"), *ours]
+        leftovers = list(self.output_dir.rglob(f".*{TEMPORARY_SUFFIX}"))
         for path in sorted(leftovers, key=lambda p: len(p.parts)):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -588,7 +604,8 @@ class ContinualTrainer:
         if changed:
             raise ValueError(
                 f"The checkpoint in {self.output_dir} was trained with other model settings than this run's: "
-                f"{'; '.join(changed)}. Resume with the flags it was started with, or use a new --output-dir."
+                f"{'; '.join(changed)}. Resume with the flags it was started with, start over with "
+                "--overwrite-output-dir, or use a new --output-dir."
             )
         self.strategy = DTGMAStrategy(model.to(self.accelerator.device))
         return state
