@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from .modeling_dtgma import atomic_path, current_umask
+from .modeling_dtgma import atomic_path
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -20,12 +19,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     """`write_text_atomic` of `payload` as indented JSON."""
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def use_default_permissions(path: str | Path) -> None:
-    """Give `path` the permissions a plain `open` / `mkdir` would (0o666 / 0o777 less the umask): `tempfile` makes
-    its files and folders private (0o600 / 0o700), which would carry over to what is renamed into place."""
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~current_umask())
 
 
 def read_json(path: str | Path, fix: str) -> Any:

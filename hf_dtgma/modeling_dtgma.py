@@ -1427,7 +1427,7 @@ _UMASK_AT_IMPORT = os.umask(0o022)
 os.umask(_UMASK_AT_IMPORT)
 
 
-def current_umask() -> int:
+def _current_umask() -> int:
     """The process's umask, read without changing it where the OS allows (`/proc/self/status` on Linux): setting it
     to read it would, for a moment, apply to every thread's new files."""
     try:
@@ -1437,6 +1437,12 @@ def current_umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return _UMASK_AT_IMPORT
+
+
+def use_default_permissions(path: str | os.PathLike) -> None:
+    """Give `path` the permissions a plain `open` / `mkdir` would (0o666 / 0o777 less the umask): `tempfile` makes
+    its files and folders private (0o600 / 0o700), which would carry over to what is renamed into place."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_current_umask())
 
 
 class atomic_path:
@@ -1451,7 +1457,7 @@ class atomic_path:
             prefix=f".{self.target.name}.", suffix=TEMPORARY_SUFFIX, dir=self.target.parent
         )
         os.close(handle)
-        os.chmod(self.tmp, 0o666 & ~current_umask())
+        use_default_permissions(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -19,28 +19,20 @@ from .reporting import write_run_outputs
 from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
 
 
-def at_least(bound: float, kind: type = int) -> Callable[[str], float]:
-    """An argparse `type`: a number of `kind` no smaller than `bound` (so `--epochs 0` is refused before any work)."""
+def at_least(bound: float, kind: type = int, exclusive: bool = False) -> Callable[[str], float]:
+    """An argparse `type`: a number of `kind` no smaller than `bound` (above it when `exclusive`), so that e.g.
+    `--epochs 0` is refused before any work."""
 
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if value < bound:
-            raise argparse.ArgumentTypeError(f"must be at least {bound}, got {text}")
+        if value < bound or (exclusive and value == bound):
+            raise argparse.ArgumentTypeError(f"must be {'above' if exclusive else 'at least'} {bound}, got {text}")
         return value
 
-    parse.__name__ = f"{kind.__name__} >= {bound}"
     return parse
-
-
-def positive_float(text: str) -> float:
-    """An argparse `type`: a number above 0 (a learning rate)."""
-    value = at_least(0.0, float)(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be above 0, got 0")
-    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, hidden_size: int = 256) -> argparse._ArgumentGroup:
@@ -75,7 +67,7 @@ def add_training_arguments(
     training.add_argument(
         "--eval-batch-size", type=at_least(1), default=256, help="evaluation batch size (changes memory use, not results)"
     )
-    training.add_argument("--lr", type=positive_float, default=lr, help="peak AdamW learning rate (chosen on validation)")
+    training.add_argument("--lr", type=at_least(0.0, float, exclusive=True), default=lr, help="peak AdamW learning rate (chosen on validation)")
     training.add_argument("--weight-decay", type=at_least(0.0, float), default=0.01)
     training.add_argument(
         "--label-smoothing", type=float, default=None,

@@ -39,8 +39,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..configuration_dtgma import DTGMAConfig
 from ..errors import TrainingDivergedError, explain_out_of_memory
-from ..files import read_json, use_default_permissions, write_json_atomic
-from ..modeling_dtgma import TEMPORARY_SUFFIX, DTGMAModel, check_task_name
+from ..files import read_json, write_json_atomic
+from ..modeling_dtgma import TEMPORARY_SUFFIX, DTGMAModel, check_task_name, use_default_permissions
 from ..routing import right_labels
 from ..strategies.base import ContinualStrategy, model_inputs
 from ..strategies.dtgma import DTGMAStrategy
