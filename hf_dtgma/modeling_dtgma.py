@@ -158,9 +158,11 @@ def masked_mean(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
 def check_finite(values: torch.Tensor, name: str) -> None:
     """Raise a `ValueError` naming the rows of the batch `values` `(B, ...)` that hold NaN or inf.
 
-    One reduction and one host sync: cheap next to a forward pass, and it turns what would become a NaN loss (blamed
-    on the learning rate) into an error that points at the data."""
-    finite = torch.isfinite(values.flatten(1)).all(dim=1)  # (B,)
+    Usually one sum and one host sync: cheap next to a forward pass, and it turns what would become a NaN loss
+    (blamed on the learning rate) into an error that points at the data."""
+    if values.numel() == 0 or bool(torch.isfinite(values.sum())):  # NaN or inf anywhere makes the sum NaN or inf
+        return
+    finite = torch.isfinite(values.flatten(1)).all(dim=1)  # (B,); the sum may also have overflowed
     if not bool(finite.all()):
         rows = (~finite).nonzero().flatten().tolist()
         raise ValueError(

@@ -212,7 +212,7 @@ def check_tasks(tasks: list[ContinualTask]) -> None:
                     f"{where}: needs a `label` column and `features` (compute them with "
                     f"hf_dtgma.features.cache_task_features) or `pixel_values`; its columns are {data.column_names}."
                 )
-            values = np.asarray(data.with_format("numpy", columns=["label"])["label"])
+            values = np.asarray(data.with_format("numpy", columns=["label"])[:]["label"])  # [:]: one read, not row by row
             outside = sorted(set(values[(values < 0) | (values >= len(labels))].tolist()))
             if outside:
                 raise ValueError(
