@@ -141,6 +141,17 @@ def right_labels(
     return sum(a == b for a, b in zip(predicted, truth))
 
 
+Scored = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per batch: router features, all-task logits, labels
+
+
+@torch.no_grad()
+def _scored_batches(model: DTGMAModel, dataset: Dataset, batch_size: int, name: str) -> Scored:
+    """One all-task pass over `dataset`: per batch, the router features `(B, D)`, the logits of every task
+    `(B, T, L_max)` and the labels `(B,)`. What the routing figures below are computed from."""
+    batches = _batches(model, dataset, batch_size, name)
+    return [(_features(model, batch), _all_task_logits(model, batch), batch["labels"]) for batch in batches]
+
+
 @torch.no_grad()
 def evaluate_routing(
     model: DTGMAModel,
@@ -152,19 +163,30 @@ def evaluate_routing(
     the data set labelled within its task. A prediction is correct when its label name equals the true one (two tasks
     that share a label set, as Amazon and Yelp reviews do, count a right label in the wrong task as correct).
     Returns `{router: {"task_accuracy", "class_il_accuracy"}}`."""
+    scored = [
+        (true_task, _scored_batches(model, dataset, batch_size, f"task {model.tasks[true_task]!r}'s data"))
+        for true_task, dataset in splits
+    ]
+    return _routing_accuracy(model, scored, routers)
+
+
+@torch.no_grad()
+def _routing_accuracy(
+    model: DTGMAModel, scored: Sequence[tuple[int, Scored]], routers: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """`evaluate_routing` from each split's `_scored_batches`."""
     counts = {router: [0, 0] for router in routers}
     label_sets = [task["labels"] for task in model.config.tasks]
     total = 0
-    for true_task, dataset in splits:
-        for batch in _batches(model, dataset, batch_size, f"task {model.tasks[true_task]!r}'s data"):
-            features, logits = _features(model, batch), _all_task_logits(model, batch)
+    for true_task, batches in scored:
+        for features, logits, labels in batches:
             for router in routers:
                 routing, _ = model.task_scores(features, logits, router)
                 tasks = routing.argmax(-1)
                 predicted = logits[torch.arange(len(tasks)), tasks].argmax(-1)
                 counts[router][0] += int((tasks == true_task).sum())
-                counts[router][1] += right_labels(label_sets, tasks, predicted, true_task, batch["labels"])
-            total += len(batch["labels"])
+                counts[router][1] += right_labels(label_sets, tasks, predicted, true_task, labels)
+            total += len(labels)
     return {r: {"task_accuracy": c[0] / total, "class_il_accuracy": c[1] / total} for r, c in counts.items()}
 
 
@@ -182,9 +204,15 @@ def _all_task_logits(model: DTGMAModel, batch: dict[str, torch.Tensor]) -> torch
 def reject_scores(model: DTGMAModel, dataset: Dataset, router: str | None = None, batch_size: int = 256) -> torch.Tensor:
     """`(len(dataset),)` standardised scores of the inferred task (`DTGMAPrediction.scores`): low = out of scope.
     `dataset` needs `features` or `pixel_values`; a `label` column is not read (give out-of-scope data label 0)."""
+    return _reject_scores(model, _scored_batches(model, dataset, batch_size, "the data to score"), router)
+
+
+@torch.no_grad()
+def _reject_scores(model: DTGMAModel, batches: Scored, router: str | None) -> torch.Tensor:
+    """`reject_scores` from a split's `_scored_batches`."""
     scores = []
-    for batch in _batches(model, dataset, batch_size, "the data to score"):
-        routing, standardised = model.task_scores(_features(model, batch), _all_task_logits(model, batch), router)
+    for features, logits, _ in batches:
+        routing, standardised = model.task_scores(features, logits, router)
         scores.append(standardised.gather(1, routing.argmax(-1, keepdim=True))[:, 0].cpu())
     return torch.cat(scores)
 
@@ -194,9 +222,16 @@ def calibrate_reject_threshold(
 ) -> float:
     """Set and return `model.config.reject_threshold`: the score that `accept` of the in-scope `validation` examples
     (every task's validation split) reach, so out-of-scope rejection is calibrated without any out-of-scope data."""
+    _check_accept(accept)
+    return _set_reject_threshold(model, torch.cat([reject_scores(model, dataset, router) for dataset in validation]), accept)
+
+
+def _check_accept(accept: float) -> None:
     if not 0.0 < accept <= 1.0:
         raise ValueError(f"`accept` is the fraction of in-scope inputs to keep, in (0, 1]; got {accept}.")
-    scores = torch.cat([reject_scores(model, dataset, router) for dataset in validation])
+
+
+def _set_reject_threshold(model: DTGMAModel, scores: torch.Tensor, accept: float) -> float:
     threshold = float(torch.quantile(scores.double(), 1.0 - accept))
     model.config.reject_threshold = threshold
     return threshold
@@ -237,16 +272,24 @@ def routing_report(
     * with `out_of_scope` (inputs of no task, e.g. CLINC150's `oos` test sentences): the AUROC of the reject score
       against the in-scope `evaluation_split` inputs and the fraction of them rejected at the threshold.
     """
-    def splits(split: str) -> list[tuple[int, Dataset]]:
-        return [(index, getattr(task, split)) for index, task in enumerate(tasks)]
-
+    _check_accept(accept)
+    # One all-task pass per split; every figure below is computed from it.
+    scored = {
+        split: [
+            (index, _scored_batches(model, getattr(task, split), 256, f"task {task.name!r}'s {split} data"))
+            for index, task in enumerate(tasks)
+        ]
+        for split in dict.fromkeys(["validation", evaluation_split])
+    }
     report = {
         "router": model.config.router,
-        "validation": evaluate_routing(model, splits("validation")),
-        evaluation_split: evaluate_routing(model, splits(evaluation_split)),
+        "validation": _routing_accuracy(model, scored["validation"], ROUTERS),
+        evaluation_split: _routing_accuracy(model, scored[evaluation_split], ROUTERS),
     }
-    threshold = calibrate_reject_threshold(model, [task.validation for task in tasks], accept)
-    in_scope = torch.cat([reject_scores(model, task_split) for _, task_split in splits(evaluation_split)])
+    threshold = _set_reject_threshold(
+        model, torch.cat([_reject_scores(model, batches, None) for _, batches in scored["validation"]]), accept
+    )
+    in_scope = torch.cat([_reject_scores(model, batches, None) for _, batches in scored[evaluation_split]])
     report["reject_threshold"] = {
         "value": threshold, "calibrated_on": f"validation, {accept:.0%} of in-scope inputs kept",
         f"in_scope_kept_{evaluation_split}": float((in_scope >= threshold).double().mean()),

@@ -8,7 +8,9 @@ from conftest import INPUT_DIM, make_model, run_without_hf_dtgma
 from datasets import Dataset
 
 from hf_dtgma import DTGMAModel
-from hf_dtgma.routing import auroc, calibrate_reject_threshold, evaluate_routing, fit_task_router, reject_scores
+from hf_dtgma.routing import (
+    auroc, calibrate_reject_threshold, evaluate_routing, fit_task_router, reject_scores, routing_report,
+)
 from hf_dtgma.strategies.base import ContinualStrategy
 from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig
 
@@ -134,6 +136,32 @@ def test_reject_threshold_calibration_and_auroc():
     assert auroc(in_scope, reject_scores(model, shifted)) > 0.99
     # The rank formula on a hand-computed case: 3 of 4 pairs ordered, one tie (counts half).
     assert auroc(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0])) == pytest.approx(0.875)
+
+
+def test_routing_report_makes_one_all_task_pass_per_split_and_matches_the_public_functions():
+    tasks = separated_tasks()
+    model = fitted_model(tasks)
+    shifted = Dataset.from_dict({"features": [np.asarray(f) + 30.0 for f in tasks[0].test["features"]], "label": tasks[0].test["label"]})
+    passes = []
+    hook = model.register_forward_hook(lambda module, args, output: passes.append(len(output.logits)))
+    report = routing_report(model, tasks, shifted, accept=0.9)
+    hook.remove()
+    in_scope_rows = sum(len(task.validation) + len(task.test) for task in tasks)
+    assert sum(passes) == in_scope_rows + len(shifted)  # every example through the model once
+    splits = {split: [(index, getattr(task, split)) for index, task in enumerate(tasks)] for split in ("validation", "test")}
+    assert report["validation"] == evaluate_routing(model, splits["validation"])
+    assert report["test"] == evaluate_routing(model, splits["test"])
+    threshold = calibrate_reject_threshold(model, [task.validation for task in tasks], accept=0.9)
+    in_scope = torch.cat([reject_scores(model, task.test) for task in tasks])
+    outside = reject_scores(model, shifted)
+    assert report["reject_threshold"]["value"] == threshold == model.config.reject_threshold
+    assert report["reject_threshold"]["in_scope_kept_test"] == float((in_scope >= threshold).double().mean())
+    assert report["out_of_scope"] == {
+        "examples": len(shifted), "auroc": auroc(in_scope, outside), "rejected_at_threshold": float((outside < threshold).double().mean()),
+    }
+    assert report["out_of_scope"]["auroc"] > 0.99
+    with pytest.raises(ValueError, match="fraction of in-scope inputs"):
+        routing_report(model, tasks, accept=0.0)
 
 
 def test_unfitted_tasks_are_a_clear_error():
