@@ -141,11 +141,11 @@ def right_labels(
     return sum(a == b for a, b in zip(predicted, truth))
 
 
-Scored = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per batch: router features, all-task logits, labels
+_Scored = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per batch: router features, all-task logits, labels
 
 
 @torch.no_grad()
-def _scored_batches(model: DTGMAModel, dataset: Dataset, batch_size: int, name: str) -> Scored:
+def _scored_batches(model: DTGMAModel, dataset: Dataset, batch_size: int, name: str) -> _Scored:
     """One all-task pass over `dataset`: per batch, the router features `(B, D)`, the logits of every task
     `(B, T, L_max)` and the labels `(B,)`. What the routing figures below are computed from."""
     batches = _batches(model, dataset, batch_size, name)
@@ -172,7 +172,7 @@ def evaluate_routing(
 
 @torch.no_grad()
 def _routing_accuracy(
-    model: DTGMAModel, scored: Sequence[tuple[int, Scored]], routers: Sequence[str]
+    model: DTGMAModel, scored: Sequence[tuple[int, _Scored]], routers: Sequence[str]
 ) -> dict[str, dict[str, float]]:
     """`evaluate_routing` from each split's `_scored_batches`."""
     counts = {router: [0, 0] for router in routers}
@@ -208,7 +208,7 @@ def reject_scores(model: DTGMAModel, dataset: Dataset, router: str | None = None
 
 
 @torch.no_grad()
-def _reject_scores(model: DTGMAModel, batches: Scored, router: str | None) -> torch.Tensor:
+def _reject_scores(model: DTGMAModel, batches: _Scored, router: str | None) -> torch.Tensor:
     """`reject_scores` from a split's `_scored_batches`."""
     scores = []
     for features, logits, _ in batches:
