@@ -89,7 +89,7 @@ def _padded_features(column: pa.ChunkedArray) -> dict[str, torch.Tensor]:
     return {"inputs_embeds": inputs, "attention_mask": mask.long()}
 
 
-def _batch_collator(transform: Transform | None, name: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def _batch_collator(transform: Transform | None, name: str) -> Transform:
     """The finite check and `transform` of `_collator`, for a batch `_FeatureBatches` already put together."""
 
     def collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -223,7 +223,8 @@ def calibrate_reject_threshold(
     """Set and return `model.config.reject_threshold`: the score that `accept` of the in-scope `validation` examples
     (every task's validation split) reach, so out-of-scope rejection is calibrated without any out-of-scope data."""
     _check_accept(accept)
-    return _set_reject_threshold(model, torch.cat([reject_scores(model, dataset, router) for dataset in validation]), accept)
+    scores = torch.cat([reject_scores(model, dataset, router) for dataset in validation])
+    return _set_reject_threshold(model, scores, accept)
 
 
 def _check_accept(accept: float) -> None:

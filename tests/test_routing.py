@@ -9,7 +9,12 @@ from datasets import Dataset
 
 from hf_dtgma import DTGMAModel
 from hf_dtgma.routing import (
-    auroc, calibrate_reject_threshold, evaluate_routing, fit_task_router, reject_scores, routing_report,
+    auroc,
+    calibrate_reject_threshold,
+    evaluate_routing,
+    fit_task_router,
+    reject_scores,
+    routing_report,
 )
 from hf_dtgma.strategies.base import ContinualStrategy
 from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig
@@ -141,24 +146,25 @@ def test_reject_threshold_calibration_and_auroc():
 def test_routing_report_makes_one_all_task_pass_per_split_and_matches_the_public_functions():
     tasks = separated_tasks()
     model = fitted_model(tasks)
-    shifted = Dataset.from_dict({"features": [np.asarray(f) + 30.0 for f in tasks[0].test["features"]], "label": tasks[0].test["label"]})
+    far = [np.asarray(tokens) + 30.0 for tokens in tasks[0].test["features"]]
+    shifted = Dataset.from_dict({"features": far, "label": tasks[0].test["label"]})
     passes = []
     hook = model.register_forward_hook(lambda module, args, output: passes.append(len(output.logits)))
     report = routing_report(model, tasks, shifted, accept=0.9)
     hook.remove()
     in_scope_rows = sum(len(task.validation) + len(task.test) for task in tasks)
     assert sum(passes) == in_scope_rows + len(shifted)  # every example through the model once
-    splits = {split: [(index, getattr(task, split)) for index, task in enumerate(tasks)] for split in ("validation", "test")}
-    assert report["validation"] == evaluate_routing(model, splits["validation"])
-    assert report["test"] == evaluate_routing(model, splits["test"])
+    for split in ("validation", "test"):
+        splits = [(index, getattr(task, split)) for index, task in enumerate(tasks)]
+        assert report[split] == evaluate_routing(model, splits)
     threshold = calibrate_reject_threshold(model, [task.validation for task in tasks], accept=0.9)
     in_scope = torch.cat([reject_scores(model, task.test) for task in tasks])
     outside = reject_scores(model, shifted)
     assert report["reject_threshold"]["value"] == threshold == model.config.reject_threshold
     assert report["reject_threshold"]["in_scope_kept_test"] == float((in_scope >= threshold).double().mean())
-    assert report["out_of_scope"] == {
-        "examples": len(shifted), "auroc": auroc(in_scope, outside), "rejected_at_threshold": float((outside < threshold).double().mean()),
-    }
+    rejected = float((outside < threshold).double().mean())
+    expected = {"examples": len(shifted), "auroc": auroc(in_scope, outside), "rejected_at_threshold": rejected}
+    assert report["out_of_scope"] == expected
     assert report["out_of_scope"]["auroc"] > 0.99
     with pytest.raises(ValueError, match="fraction of in-scope inputs"):
         routing_report(model, tasks, accept=0.0)
