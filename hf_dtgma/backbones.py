@@ -115,7 +115,6 @@ class TextBackbone(nn.Module):
         The tokenizer comes from `tokenizer_name_or_path` when given, else from `name_or_path`. The weights are read
         from safetensors only: a backbone published only as a pickled `pytorch_model.bin` is refused (no pickle).
         """
-        name_or_path = os.fspath(name_or_path)  # a Path names the same folder, and identities must be JSON
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path, revision=revision, **kwargs)
         model = AutoModel.from_pretrained(name_or_path, revision=revision, dtype=dtype, use_safetensors=True, **kwargs)
         if device is not None:
@@ -203,8 +202,7 @@ def resolve_text_backbone(name_or_path: str, allow_fallback: bool, timeout: floa
     if name_or_path == EMBEDDED_TEXT_BACKBONE:
         return _embedded_backbone_path(), None
     if Path(name_or_path).is_dir():
-        config = Path(name_or_path) / "config.json"
-        if config.is_file() and _model_type(config) == "dtgma":
+        if _model_type(Path(name_or_path) / "config.json") == "dtgma":
             raise ValueError(
                 f"{name_or_path} is a DTG-MA model, not a backbone: pass the backbone it was trained on (its "
                 "config.json names it under `backbone`), and load the model itself with `from_pretrained`."

@@ -321,13 +321,14 @@ def measure_end_to_end(data: BenchData, args: argparse.Namespace, workdir: Path)
         "task trained, the accuracy matrix evaluated after every task). The out-of-scope routing report that "
         "text_domains.py's main() adds afterwards is not included; precision is text_domains.py's own (backbone bf16 "
         f"on CUDA, float32 on CPU), not --dtype. Training took {steps} optimizer steps in {train_s:.1f} s "
-        f"({ms_per_step:.1f} ms a step, validation after every epoch included); the 2× target leaves "
+        f"({ms_per_step:.1f} ms a step, each task's input streams, validation after every epoch and routing "
+        f"statistics included); the 2× target leaves "
         f"{ms_per_step_for_2x:.1f} ms a step.",
         argv=argv, backbone=backbone.identity, fallback_reason=fallback_reason, training_s=total - feature_pass,
         num_tasks=len(tasks), epochs_trained=results["epochs_trained"],
         average_accuracy=results["task_il"]["average_accuracy"],
         # Where the time after the features goes, and what a step could cost for the 2x target (the budget: the
-        # feature pass again, over every step; validation after each epoch counts as training).
+        # feature pass again, over every step; what a task does besides its steps counts as training).
         optimizer_steps=steps, training_steps_s=train_s, ms_per_step=ms_per_step, ms_per_step_for_2x=ms_per_step_for_2x,
     )
 

@@ -540,9 +540,8 @@ class ContinualTrainer:
     def _holds_a_run(self) -> bool:
         """Whether `output_dir` holds a run's checkpoint pointer, results, model or adapters."""
         folder = self.output_dir
-        return any(
-            path.exists() for path in (folder / CHECKPOINT_POINTER, folder / "results.json", folder / "model" / "config.json")
-        ) or any((folder / "adapters").glob("*/adapter_config.json"))
+        markers = (folder / CHECKPOINT_POINTER, folder / "results.json", folder / "model" / "config.json")
+        return any(path.exists() for path in markers) or any((folder / "adapters").glob("*/adapter_config.json"))
 
     def _discard_previous_run(self) -> None:
         """Before an overwriting run trains: drop the earlier run's checkpoint pointer (first, so that no crash can
