@@ -151,7 +151,9 @@ class TextBackbone(nn.Module):
         """How many tokens each of `texts` has after truncation to `max_length` (what `encode` pads to)."""
         if self.tokenizer is None:
             raise ValueError("This TextBackbone has no tokenizer: build it with one, or call it with input_ids.")
-        return [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]]
+        return [
+            len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ]
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize `texts` (padded, truncated to `max_length`) and return `(features (B, N, D), mask (B, N))`."""

@@ -60,11 +60,11 @@ class DTGMAConfig(PreTrainedConfig):
         num_task_tokens (`int`, defaults to 1):
             Learned tokens per task. The task's head reads their mean.
         head_input (`str`, defaults to `"task_tokens"`):
-            What a task's head reads. `"task_tokens"`: the mean final state of the task's tokens. `"task_tokens+inputs"`:
-            that plus the masked mean of the final input-token states, a task-independent summary of the whole input
-            that the task tokens' attention read refines (input states pass through shared weights only, so this keeps
-            tasks isolated). On the 10 CLINC150 domains (validation, backbone layers -1 and -3) it measured 97.30%
-            against 96.90%.
+            What a task's head reads. `"task_tokens"`: the mean final state of the task's tokens.
+            `"task_tokens+inputs"`: that plus the masked mean of the final input-token states, a task-independent
+            summary of the whole input that the task tokens' attention read refines (input states pass through shared
+            weights only, so this keeps tasks isolated). On the 10 CLINC150 domains (validation, backbone layers
+            -1 and -3) it measured 97.30% against 96.90%.
         task_param_mode (`str`, defaults to `"lowrank"`):
             What a task owns inside the layers. `"lowrank"`: rank-`task_rank` deltas on the Q, K, V, O and feed-forward
             projections of its tokens. `"full"`: its own full Q, K, V, O and feed-forward weights (the reference
@@ -200,20 +200,25 @@ class DTGMAConfig(PreTrainedConfig):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"DTGMAConfig: `{name}` is a probability in [0, 1), got {value!r} (0.1 is usual).")
         if task_param_mode not in TASK_PARAM_MODES:
-            raise ValueError(f"DTGMAConfig: `task_param_mode` must be one of {TASK_PARAM_MODES}, got {task_param_mode!r}.")
+            raise ValueError(
+                f"DTGMAConfig: `task_param_mode` must be one of {TASK_PARAM_MODES}, got {task_param_mode!r}."
+            )
         if shared_training not in SHARED_TRAINING_MODES:
             raise ValueError(
                 f"DTGMAConfig: `shared_training` must be one of {SHARED_TRAINING_MODES}, got {shared_training!r}."
             )
         if patch_embedder not in PATCH_EMBEDDER_MODES:
-            raise ValueError(f"DTGMAConfig: `patch_embedder` must be one of {PATCH_EMBEDDER_MODES}, got {patch_embedder!r}.")
+            raise ValueError(
+                f"DTGMAConfig: `patch_embedder` must be one of {PATCH_EMBEDDER_MODES}, got {patch_embedder!r}."
+            )
         if head_input not in HEAD_INPUTS:
             raise ValueError(f"DTGMAConfig: `head_input` must be one of {HEAD_INPUTS}, got {head_input!r}.")
         if router not in ROUTERS:
             raise ValueError(f"DTGMAConfig: `router` must be one of {ROUTERS}, got {router!r}.")
         if image_size is not None and image_size % patch_size != 0:
             raise ValueError(
-                f"DTGMAConfig: `patch_size` ({patch_size}) must divide `image_size` ({image_size}); e.g. 28 -> 4, 7 or 14."
+                f"DTGMAConfig: `patch_size` ({patch_size}) must divide `image_size` ({image_size}); "
+                "e.g. 28 -> 4, 7 or 14."
             )
         self.input_dim = input_dim
         self.hidden_size = hidden_size
@@ -247,7 +252,11 @@ class DTGMAConfig(PreTrainedConfig):
         """The fields that fix the shapes of one task's parameters (`ADAPTER_SHAPE_FIELDS`, plus `IMAGE_SHAPE_FIELDS`
         when the model reads images), and the `ADAPTER_BEHAVIOUR_DEFAULTS` fields set to another value."""
         fields = ADAPTER_SHAPE_FIELDS + (IMAGE_SHAPE_FIELDS if self.image_size is not None else ())
-        behaviour = {field: getattr(self, field) for field, default in ADAPTER_BEHAVIOUR_DEFAULTS.items() if getattr(self, field) != default}
+        behaviour = {
+            field: getattr(self, field)
+            for field, default in ADAPTER_BEHAVIOUR_DEFAULTS.items()
+            if getattr(self, field) != default
+        }
         return {**{field: getattr(self, field) for field in fields}, **behaviour}
 
     @property

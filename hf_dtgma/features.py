@@ -30,7 +30,9 @@ SORTED_RUN = 32  # `sort_by_length`: batches sorted together (their features are
 
 def features_fingerprint(backbone: TextBackbone | DeferredTextBackbone, texts: list[str]) -> str:
     """SHA-256 (first 32 hex digits) of the backbone identity, the maximum length and the texts."""
-    digest = hashlib.sha256(json.dumps({**backbone.identity, "max_length": backbone.max_length}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps({**backbone.identity, "max_length": backbone.max_length}, sort_keys=True).encode()
+    )
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")
@@ -137,7 +139,8 @@ def token_counts(dataset: Dataset) -> np.ndarray:
 
 
 def pad_features(features: list[torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Pad per-example token features `[(n_i, D), ...]` into `inputs_embeds (B, N_max, D)` and `attention_mask (B, N_max)`.
+    """Pad per-example token features `[(n_i, D), ...]` into `inputs_embeds (B, N_max, D)` and
+    `attention_mask (B, N_max)`.
 
     Example:
         >>> batch = pad_features([torch.ones(2, 4), torch.ones(3, 4)])

@@ -97,7 +97,9 @@ def _task_block(num_task_groups: int, tokens_per_task: int, device: torch.device
     """`(G·n, G·n)` additive mask among task tokens: 0 within a task's own tokens, -inf across tasks. Built once per
     shape (cached; callers only read it)."""
     group = torch.arange(num_task_groups * tokens_per_task, device=device) // tokens_per_task
-    return torch.zeros(group.shape * 2, dtype=dtype, device=device).masked_fill_(group[:, None] != group[None, :], float("-inf"))
+    return torch.zeros(group.shape * 2, dtype=dtype, device=device).masked_fill_(
+        group[:, None] != group[None, :], float("-inf")
+    )
 
 
 def task_rows_mask(
@@ -414,7 +416,8 @@ class DTGMALayer(nn.Module):
         task_x = task_x.contiguous()
         if self.task_param_mode == "lowrank":  # first: down (., G, in, r); second: up (., G, r, out)
             return _linear_2d(task_x, getattr(self, name)) + _grouped_matmul(_grouped_matmul(task_x, first), second)
-        return _grouped_matmul(task_x, first) + second  # first: weight transposed (., G, in, out); second: bias (., G, 1, out)
+        # first: weight transposed (., G, in, out); second: bias (., G, 1, out)
+        return _grouped_matmul(task_x, first) + second
 
     def input_rows(
         self, input_x: torch.Tensor, padding: torch.Tensor, output_attentions: bool = False
@@ -449,7 +452,9 @@ class DTGMALayer(nn.Module):
         batch, groups, per_task, hidden = task_x.shape
         normed = self.attn_norm(task_x)
         q, k, v = (
-            self._split_heads(self._task_projection(name, normed, task_weights).reshape(batch, groups * per_task, hidden))
+            self._split_heads(
+                self._task_projection(name, normed, task_weights).reshape(batch, groups * per_task, hidden)
+            )
             for name in ("q", "k", "v")
         )
         if drop_inputs:  # a stream computed without dropout (once, in evaluation mode): regularise what is read of it
@@ -481,7 +486,9 @@ class DTGMALayer(nn.Module):
         """
         rows = task_x.shape[1] * task_x.shape[2]
         new_input_x, keys, values, input_weights = self.input_rows(input_x, mask[:, :, rows:, rows:], output_attentions)
-        task_x, task_weights_out = self.task_rows(task_x, keys, values, mask[:, :, :rows], task_weights, output_attentions)
+        task_x, task_weights_out = self.task_rows(
+            task_x, keys, values, mask[:, :, :rows], task_weights, output_attentions
+        )
         weights = None if not output_attentions else _full_attention(task_weights_out, input_weights)
         return task_x, new_input_x, weights
 
@@ -855,13 +862,16 @@ class DTGMAModel(DTGMAPreTrainedModel):
             raise ValueError("Pass exactly one of `inputs_embeds`, `input_ids`, `pixel_values` or `input_stream`.")
         if input_stream is None:
             input_stream = self._stream_of_inputs(
-                inputs_embeds, attention_mask, task_ids, input_ids, pixel_values, output_attentions, output_hidden_states
+                inputs_embeds, attention_mask, task_ids, input_ids, pixel_values, output_attentions,
+                output_hidden_states,
             )
             if isinstance(input_stream, DTGMAOutput):  # per-task patch embedders, all tasks: one pass per task
                 if labels is not None:
                     raise ValueError("`labels` need `task_ids`: the loss is computed within each row's task.")
                 return input_stream if return_dict is not False else input_stream.to_tuple()
-        elif (output_hidden_states and input_stream.states is None) or (output_attentions and input_stream.attentions is None):
+        elif (output_hidden_states and input_stream.states is None) or (
+            output_attentions and input_stream.attentions is None
+        ):
             raise ValueError(
                 "This `input_stream` holds no input states or attentions: compute it with `model.input_stream(..., "
                 "output_hidden_states=True, output_attentions=True)`, or pass the inputs."
@@ -953,7 +963,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
         ```python
         >>> stream = model.input_stream(x, mask)  # once
-        >>> model(input_stream=stream, task_ids=0).logits.equal(model(inputs_embeds=x, attention_mask=mask, task_ids=0).logits)
+        >>> model(input_stream=stream, task_ids=0).logits.equal(
+        ...     model(inputs_embeds=x, attention_mask=mask, task_ids=0).logits
+        ... )
         True
         ```
         """
@@ -1016,20 +1028,24 @@ class DTGMAModel(DTGMAPreTrainedModel):
 
     def class_log_likelihoods(self, features: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:
         """Gaussian log-likelihood (up to a constant shared by all tasks) of router `features` `(B, F)` under every
-        class of every task (or of the task ids `tasks`): `(B, T, L_max)`, `-inf` for labels a task lacks. Class c of task t is
-        `N(class_means[c], Σ_t)` with `Σ_t = basis · diag(basis_variances) · basisᵀ + residual_variance · (I − basis
-        basisᵀ)`, applied through the Woodbury form (no F × F matrix is stored or built)."""
+        class of every task (or of the task ids `tasks`): `(B, T, L_max)`, `-inf` for labels a task lacks. Class c of
+        task t is `N(class_means[c], Σ_t)` with `Σ_t = basis · diag(basis_variances) · basisᵀ + residual_variance · (I −
+        basis basisᵀ)`, applied through the Woodbury form (no F × F matrix is stored or built)."""
         routers = self._routers(tasks)
         num_labels = [router.class_means.shape[0] for router in routers]
         max_labels = max(num_labels)
-        means = torch.stack([F.pad(r.class_means.float(), (0, 0, 0, max_labels - n)) for r, n in zip(routers, num_labels)])
+        means = torch.stack(
+            [F.pad(r.class_means.float(), (0, 0, 0, max_labels - n)) for r, n in zip(routers, num_labels)]
+        )
         basis = torch.stack([router.basis.float() for router in routers])  # (T, F, r)
         residual = torch.stack([router.residual_variance.float() for router in routers])  # (T,)
         shrink = 1.0 / residual[:, None] - 1.0 / torch.stack([router.basis_variances.float() for router in routers])
         log_det = torch.stack([router.log_det.float() for router in routers])  # (T,)
         x = features.float()
         # |x - μ|² and the projections of x - μ on each task's basis, from products with x (no (B, T, L, F) tensor).
-        squared = (x * x).sum(-1)[:, None, None] - 2 * torch.einsum("bf,tlf->btl", x, means) + (means * means).sum(-1)[None]
+        squared = (
+            (x * x).sum(-1)[:, None, None] - 2 * torch.einsum("bf,tlf->btl", x, means) + (means * means).sum(-1)[None]
+        )
         projected = torch.einsum("bf,tfr->btr", x, basis)[:, :, None] - torch.einsum("tlf,tfr->tlr", means, basis)[None]
         distance = squared / residual[None, :, None] - (projected.square() * shrink[None, :, None]).sum(-1)
         log_likelihood = -0.5 * (distance + log_det[None, :, None])  # (B, T, L_max)
@@ -1100,7 +1116,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 raise ValueError("`texts` is empty: pass at least one text.")
             encode = getattr(self.attached_backbone, "encode", None)
             if encode is None:
-                raise ValueError("`texts` need an attached text backbone with a tokenizer: call `model.attach_backbone(...)`.")
+                raise ValueError(
+                    "`texts` need an attached text backbone with a tokenizer: call `model.attach_backbone(...)`."
+                )
             inputs_embeds, attention_mask = encode(list(texts))
         elif input_ids is not None:
             inputs_embeds, attention_mask = self._features_from_backbone(input_ids, None, attention_mask)
@@ -1115,7 +1133,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 features = self.router_features(pixel_values=pixel_values)
             elif input_stream is not None:
                 if input_stream.router_features is None:
-                    raise ValueError("This `input_stream` has no router features (an image model's): pass `pixel_values`.")
+                    raise ValueError(
+                        "This `input_stream` has no router features (an image model's): pass `pixel_values`."
+                    )
                 logits, features = self(input_stream=input_stream).logits, input_stream.router_features
             else:
                 logits = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
@@ -1130,12 +1150,19 @@ class DTGMAModel(DTGMAPreTrainedModel):
         threshold = self.config.reject_threshold if reject_threshold is None else reject_threshold
         rejected = scores < threshold if threshold is not None else torch.zeros_like(task_ids, dtype=torch.bool)
         records = [
-            {"task": self.tasks[t], "label": self.config.tasks[t]["labels"][label], "score": round(score, 4), "rejected": out}
+            {
+                "task": self.tasks[t],
+                "label": self.config.tasks[t]["labels"][label],
+                "score": round(score, 4),
+                "rejected": out,
+            }
             for t, label, score, out in zip(task_ids.tolist(), label_ids.tolist(), scores.tolist(), rejected.tolist())
         ]
         return DTGMAPrediction(task_ids, label_ids, scores, rejected, logits, routing, records)
 
-    def _embed_pixels(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_pixels(
+        self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens `(B, N, input_dim)` and mask `(B, N)` of `pixel_values` `(B, C, H, W)`: from the shared
         embedder, or from each row's task's own embedder (`task_ids` (B,) given)."""
         if not _per_task_patches(self.config):
@@ -1357,7 +1384,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
             raise ValueError(f"Adapter {source} was saved from a model of another shape ({'; '.join(differing)}).")
         if self.config.backbone and metadata.get("backbone") and metadata["backbone"] != self.config.backbone:
             raise ValueError(
-                f"Adapter {source} was trained on backbone {metadata['backbone']}, this model on {self.config.backbone}."
+                f"Adapter {source} was trained on backbone {metadata['backbone']}, "
+                f"this model on {self.config.backbone}."
             )
         fingerprint = self.base_fingerprint()
         if metadata.get("base_fingerprint") != fingerprint:
@@ -1386,7 +1414,11 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 f"The weights of {pretrained_model_name_or_path} could not be read ({error}): the safetensors file is "
                 "truncated or corrupted. Save the model again, or download it again (force_download=True)."
             ) from error
-        problems = {key: sorted(map(str, info[key]))[:6] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+        problems = {
+            key: sorted(map(str, info[key]))[:6]
+            for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if info.get(key)
+        }
         if problems:
             raise ValueError(
                 f"The checkpoint's weights do not match its config ({problems}); it was saved by another version or "

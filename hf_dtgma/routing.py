@@ -201,7 +201,9 @@ def _all_task_logits(model: DTGMAModel, batch: dict[str, torch.Tensor]) -> torch
 
 
 @torch.no_grad()
-def reject_scores(model: DTGMAModel, dataset: Dataset, router: str | None = None, batch_size: int = 256) -> torch.Tensor:
+def reject_scores(
+    model: DTGMAModel, dataset: Dataset, router: str | None = None, batch_size: int = 256
+) -> torch.Tensor:
     """`(len(dataset),)` standardised scores of the inferred task (`DTGMAPrediction.scores`): low = out of scope.
     `dataset` needs `features` or `pixel_values`; a `label` column is not read (give out-of-scope data label 0)."""
     return _reject_scores(model, _scored_batches(model, dataset, batch_size, "the data to score"), router)

@@ -77,18 +77,24 @@ DEFAULT_METHODS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", choices=TEXT_BENCHMARKS + VISION_BENCHMARKS, default="clinc150")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of: {', '.join(sorted(STRATEGIES))}")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of: {', '.join(sorted(STRATEGIES))}"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
     parser.add_argument("--data-dir", default=None, help="local copy of the benchmark's data (default: the Hub)")
-    parser.add_argument("--epochs", type=int, default=None, help="most epochs per task (default: the benchmark script's)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="most epochs per task (default: the benchmark script's)"
+    )
     parser.add_argument("--output-dir", default=None, help="default: outputs/compare/<benchmark>")
     parser.add_argument(
         "--existing-only", action="store_true",
-        help="train nothing: write the table from the runs already in --output-dir (a method or seed without one is left out)",
+        help="train nothing: write the table from the runs already in --output-dir "
+        "(a method or seed without one is left out)",
     )
     parser.add_argument(
         "--hparams", default="{}",
-        help='JSON: per method, its hyperparameters or a list of settings to try, e.g. {"ewc": [{"penalty": 100}, {"penalty": 1000}]}',
+        help="JSON: per method, its hyperparameters or a list of settings to try, "
+        'e.g. {"ewc": [{"penalty": 100}, {"penalty": 1000}]}',
     )
     return parser
 
@@ -105,17 +111,23 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     try:
         args.seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
-        raise SystemExit(f"--seeds must be whole numbers separated by commas, e.g. 0,1,2; got {args.seeds!r}.") from None
+        raise SystemExit(
+            f"--seeds must be whole numbers separated by commas, e.g. 0,1,2; got {args.seeds!r}."
+        ) from None
     example = 'e.g. {"ewc": {"penalty": 1000}} (keys and strings in double quotes)'
     try:
         args.hparams = json.loads(args.hparams)
     except json.JSONDecodeError as error:
         raise SystemExit(f"--hparams is not valid JSON ({error}): {example}.") from None
-    if not isinstance(args.hparams, dict) or not all(isinstance(value, (dict, list)) for value in args.hparams.values()):
+    if not isinstance(args.hparams, dict) or not all(
+        isinstance(value, (dict, list)) for value in args.hparams.values()
+    ):
         raise SystemExit(f"--hparams must be a JSON object: per method, an object or a list of objects, {example}.")
     ignored = sorted(set(args.hparams) - set(args.methods))
     if ignored:  # e.g. the same flags with fewer --methods: allowed, but said
-        print(f"Note: --hparams sets {ignored}, which --methods does not run ({args.methods}): ignored.", file=sys.stderr)
+        print(
+            f"Note: --hparams sets {ignored}, which --methods does not run ({args.methods}): ignored.", file=sys.stderr
+        )
     args.output_dir = Path(args.output_dir or f"outputs/compare/{args.benchmark}")
     vision = args.benchmark in VISION_BENCHMARKS
     forwarded = ["--benchmark", args.benchmark, *rest]
@@ -148,21 +160,34 @@ def variants(args, method: str) -> list[tuple[str, dict]]:
     given = args.hparams.get(method, {})
     if isinstance(given, dict):
         return [(method, {**chosen, **given})]
-    return [(f"{method} " + ", ".join(f"{k}={v}" for k, v in setting.items()), {**chosen, **setting}) for setting in given]
+    return [
+        (f"{method} " + ", ".join(f"{k}={v}" for k, v in setting.items()), {**chosen, **setting}) for setting in given
+    ]
 
 
 def run_settings(args, run_args, method: str, seed: int, hyperparameters: dict) -> dict:
     """What determines a run's result: a cached run is reused only when these match."""
-    training = {name: getattr(run_args, name) for name in ("epochs", "patience", "batch_size", "lr", "weight_decay", "label_smoothing", "evaluate_on")}
-    model = {name: getattr(run_args, name) for name in ("hidden_size", "num_layers", "num_heads", "task_rank", "num_task_tokens", "head_input", "router")}
-    data = {name: getattr(run_args, name, None) for name in ("data_dir", "num_tasks", "split_seed", "order", "train_per_task", "layer")}
+    training = {
+        name: getattr(run_args, name)
+        for name in ("epochs", "patience", "batch_size", "lr", "weight_decay", "label_smoothing", "evaluate_on")
+    }
+    model = {
+        name: getattr(run_args, name)
+        for name in ("hidden_size", "num_layers", "num_heads", "task_rank", "num_task_tokens", "head_input", "router")
+    }
+    data = {
+        name: getattr(run_args, name, None)
+        for name in ("data_dir", "num_tasks", "split_seed", "order", "train_per_task", "layer")
+    }
     return {
         "benchmark": args.benchmark, "method": method, "seed": seed, "training": training, "model": model, "data": data,
         "hyperparameters": hyperparameters, "class_incremental": True,  # runs from before class-IL evaluation rerun
     }
 
 
-def run_one(args, run_args, tasks, config, accelerator, label: str, method: str, hyperparameters: dict, seed: int) -> dict | None:
+def run_one(
+    args, run_args, tasks, config, accelerator, label: str, method: str, hyperparameters: dict, seed: int
+) -> dict | None:
     """One method setting, one seed: reuse its results.json when the settings match, else train and write it (with
     --existing-only: None)."""
     folder = args.output_dir / label.replace(" ", "_").replace(",", "").replace("=", "-") / f"seed_{seed}"
@@ -235,11 +260,15 @@ def comparison_markdown(summary: dict) -> str:
     for method, row in summary["methods"].items():
         seeds = ", ".join(map(str, row["seeds"]))
         lines.append(
-            f"| {method} | {seeds} | {pm(row['average_accuracy'])} | {pm(row['average_forgetting'])} | {pm(row['bwt'])} | "
-            f"{pm(row['class_il_accuracy'])} | {pm(row['task_identification'])} | "
+            f"| {method} | {seeds} | {pm(row['average_accuracy'])} | {pm(row['average_forgetting'])} | "
+            f"{pm(row['bwt'])} | {pm(row['class_il_accuracy'])} | {pm(row['task_identification'])} | "
             f"{row['parameters_total']:,} | {row['parameters_per_task']:,.0f} | {row['seconds']:.0f} |"
         )
-    lines += ["", "Hyperparameters: " + "; ".join(f"{m} {r['hyperparameters'] or 'defaults'}" for m, r in summary["methods"].items())]
+    lines += [
+        "",
+        "Hyperparameters: "
+        + "; ".join(f"{m} {r['hyperparameters'] or 'defaults'}" for m, r in summary["methods"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -258,9 +287,15 @@ def plot_first_task(summary: dict, path: Path) -> None:
         curve = [100 * value for value in row["first_task_accuracy"]]
         if method in baselines:
             position = baselines.index(method)
-            look = {"color": colours[position % 10], "linestyle": styles[position // 10 % 3], "linewidth": 1.4, "markersize": 3}
+            look = {
+                "color": colours[position % 10], "linestyle": styles[position // 10 % 3], "linewidth": 1.4,
+                "markersize": 3,
+            }
         else:  # dtgma solid, dtgma_full (the reference design) dashed
-            look = {"color": "black", "linestyle": "-" if method.split()[0] == "dtgma" else "--", "linewidth": 2.6, "markersize": 4, "zorder": 3}
+            look = {
+                "color": "black", "linestyle": "-" if method.split()[0] == "dtgma" else "--", "linewidth": 2.6,
+                "markersize": 4, "zorder": 3,
+            }
         axis.plot(range(1, len(curve) + 1), curve, label=method, marker="o", **look)
     axis.set_xticks(range(1, len(summary["tasks"]) + 1))
     axis.set_xlabel("tasks learned")
@@ -289,7 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
             if runs:
                 methods[label] = summarize_method(runs)
     if not methods:
-        raise SystemExit(f"No finished run of {args.methods} for seeds {args.seeds} in {args.output_dir}: nothing to tabulate.")
+        raise SystemExit(
+            f"No finished run of {args.methods} for seeds {args.seeds} in {args.output_dir}: nothing to tabulate."
+        )
     summary = {
         "benchmark": args.benchmark,
         "seeds": args.seeds,

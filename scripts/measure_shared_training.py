@@ -42,7 +42,9 @@ def accuracy(model: DTGMAModel, data: dict, task: int, batch_size: int = 512) ->
     with torch.no_grad():
         for start in range(0, len(data["labels"]), batch_size):
             rows = slice(start, start + batch_size)
-            logits = model(inputs_embeds=data["features"][rows].float(), attention_mask=data["mask"][rows], task_ids=task).logits
+            logits = model(
+                inputs_embeds=data["features"][rows].float(), attention_mask=data["mask"][rows], task_ids=task
+            ).logits
             correct += (logits.argmax(-1) == data["labels"][rows]).sum().item()
     return correct / len(data["labels"])
 

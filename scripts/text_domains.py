@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-per-task", type=int, default=None, help="cl_benchmark: subsample each training set")
     data.add_argument("--test-per-task", type=int, default=None, help="cl_benchmark: subsample each test set")
     data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
-    data.add_argument("--data-files", nargs="+", default=None, help="custom: CSV/TSV/JSON/JSONL/Parquet files or a folder")
+    data.add_argument(
+        "--data-files", nargs="+", default=None, help="custom: CSV/TSV/JSON/JSONL/Parquet files or a folder"
+    )
     data.add_argument("--dataset", default=None, help="custom: a Hub data set id instead of --data-files")
     data.add_argument("--text-column", default="text", help="custom: column with the text")
     data.add_argument("--label-column", default="label", help="custom: column with the label")
@@ -122,7 +124,9 @@ def complete_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def prepare(args: argparse.Namespace, accelerator: Accelerator) -> tuple[DeferredTextBackbone, str | None, list[ContinualTask]]:
+def prepare(
+    args: argparse.Namespace, accelerator: Accelerator
+) -> tuple[DeferredTextBackbone, str | None, list[ContinualTask]]:
     """The frozen backbone (the embedded encoder, with a warning, when the default cannot be had), its fallback
     reason, and the benchmark's tasks with cached features (computed once, by the main process first)."""
     backbone, fallback_reason = open_text_backbone(

@@ -23,8 +23,9 @@ from hf_dtgma.files import write_json_atomic, write_text_atomic
 
 # Options that change the features, so a candidate that sets them needs its own backbone pass (cached afterwards).
 FEATURE_OPTIONS = (
-    "benchmark", "data_dir", "num_tasks", "order", "train_per_task", "test_per_task", "split_seed", "data_files", "dataset",
-    "text_column", "label_column", "task_column", "backbone", "backbone_revision", "layer", "max_length", "cache_dir",
+    "benchmark", "data_dir", "num_tasks", "order", "train_per_task", "test_per_task", "split_seed", "data_files",
+    "dataset", "text_column", "label_column", "task_column", "backbone", "backbone_revision", "layer", "max_length",
+    "cache_dir",
 )
 DEFAULT_CANDIDATES = ['{"lr": 1e-2}', '{"lr": 3e-3}', '{"lr": 1e-3}']
 
@@ -49,7 +50,9 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
             parser.error(f"--candidates {text!r} is not valid JSON ({error.msg}); write e.g. '{{\"lr\": 3e-3}}'.")
         if not isinstance(candidate, dict):
             parser.error(f"--candidates {text!r} must be a JSON object of option names to values.")
-        unknown = sorted(set(candidate) - set(vars(args)) | set(candidate) & {"seed", "seeds", "candidates", "output_dir", "resume"})
+        unknown = sorted(
+            set(candidate) - set(vars(args)) | set(candidate) & {"seed", "seeds", "candidates", "output_dir", "resume"}
+        )
         if unknown:
             parser.error(f"--candidates {text!r} sets {unknown}, which are not tunable options of text_domains.py.")
         candidates.append(candidate)

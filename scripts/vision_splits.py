@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-per-task", type=at_least(1), default=None, help="subsample each training set")
     data.add_argument(
         "--max-shift", type=at_least(0), default=None,
-        help="training augmentation: random shifts up to N pixels (default: 2 for omniglot and split_cifar100, 1 for split_mnist, else 0)",
+        help="training augmentation: random shifts up to N pixels "
+        "(default: 2 for omniglot and split_cifar100, 1 for split_mnist, else 0)",
     )
-    data.add_argument("--image-size", type=at_least(1), default=28, help="omniglot: side the 105x105 drawings are resized to")
+    data.add_argument(
+        "--image-size", type=at_least(1), default=28, help="omniglot: side the 105x105 drawings are resized to"
+    )
     data.add_argument("--classes-per-task", type=at_least(2), default=20, help="omniglot: characters per task")
     data.add_argument(
         "--omniglot-tasks", choices=["characters", "alphabets"], default="characters",
@@ -133,7 +136,10 @@ def main() -> None:
     )
     trainer, results = train_continually(args, config, tasks, accelerator)
     results["routing"].update(routing_report(trainer.model, tasks, evaluation_split=args.evaluate_on))
-    embedder = f"patch embedder ({args.patch_embedder}, {args.patch_size}x{args.patch_size} patches of {image_size}x{image_size} images)"
+    embedder = (
+        f"patch embedder ({args.patch_embedder}, {args.patch_size}x{args.patch_size} patches of "
+        f"{image_size}x{image_size} images)"
+    )
     finish_run(trainer, results, args, accelerator, started, backbone={"name": embedder}, seconds_data=loaded - started)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_features, make_model, train_steps
+
 from hf_dtgma import DTGMAModel
 
 
@@ -30,7 +31,10 @@ def test_adapter_files_and_metadata(base_and_trained):
     metadata = json.loads((tmp_path / "topic" / "adapter_config.json").read_text())
     assert metadata["task"] == "topic" and metadata["labels"] == ["finance", "science", "sports"]
     assert metadata["base_fingerprint"] == model.base_fingerprint()
-    assert metadata["shape_config"]["hidden_size"] == 16 and metadata["num_parameters"] == model.num_task_parameters("topic")
+    assert (
+        metadata["shape_config"]["hidden_size"] == 16
+        and metadata["num_parameters"] == model.num_task_parameters("topic")
+    )
 
 
 def test_load_task_into_a_second_model_gives_identical_logits(base_and_trained):
@@ -88,4 +92,6 @@ def test_corrupted_or_missing_adapter_files(base_and_trained):
 def test_save_task_overwrites_atomically(base_and_trained):
     model, tmp_path = base_and_trained
     model.save_task("topic", tmp_path / "topic")
-    assert sorted(p.name for p in (tmp_path / "topic").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "topic").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]

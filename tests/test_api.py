@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import INPUT_DIM, make_features, make_model
+
 from hf_dtgma import DTGMAConfig, DTGMAModel
 
 REFERENCE_PER_TASK = 1_577_472  # DTG-MA reference: full Q/K/V/O + FFN per task, hidden 256, 2 layers
@@ -36,7 +37,10 @@ def test_loss_and_gradients_reach_only_the_trained_task():
     model.add_task("a", labels=["x", "y"])
     model.add_task("b", labels=["x", "y", "z"], freeze_previous=False)
     features, mask = make_features(batch=4)
-    out = model(inputs_embeds=features, attention_mask=mask, task_ids=torch.tensor([1, 1, 1, 1]), labels=torch.tensor([0, 2, 1, 2]))
+    out = model(
+        inputs_embeds=features, attention_mask=mask, task_ids=torch.tensor([1, 1, 1, 1]),
+        labels=torch.tensor([0, 2, 1, 2]),
+    )
     out.loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.task_adapters[0].parameters())
     assert model.task_adapters[1].head.classifier.weight.grad.abs().sum() > 0
@@ -51,17 +55,26 @@ def test_loss_and_gradients_reach_only_the_trained_task():
         (lambda m: m.add_task("new", labels=["a", "a"]), ValueError, r"duplicated labels \['a'\]"),
         (lambda m: m.add_task("new", labels="ab"), ValueError, "list of label names"),
         (lambda m: m.add_task("", labels=["a"]), ValueError, "non-empty string"),
-        (lambda m: m.task_labels("weather"), KeyError, r"Unknown task 'weather'. Known tasks: \['sentiment', 'topic'\]"),
+        (lambda m: m.task_labels("weather"),
+         KeyError, r"Unknown task 'weather'. Known tasks: \['sentiment', 'topic'\]"),
         (lambda m: m.freeze_task("weather"), KeyError, "Known tasks"),
-        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM + 1)), ValueError, "Feature width 13 differs from config.input_dim=12"),
+        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM + 1)),
+         ValueError, "Feature width 13 differs from config.input_dim=12"),
         (lambda m: m(inputs_embeds=torch.randn(2, INPUT_DIM)), ValueError, r"\(batch, tokens, 12\)"),
-        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), attention_mask=torch.ones(2, 5)), ValueError, "attention_mask` must have shape"),
-        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), attention_mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])), ValueError, r"rows \[1\] have no real token"),
-        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), task_ids=torch.tensor([0, 2])), ValueError, "out of range"),
-        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), task_ids=torch.tensor([0])), ValueError, r"shape \(2,\)"),
+        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), attention_mask=torch.ones(2, 5)),
+         ValueError, "attention_mask` must have shape"),
+        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM),
+                     attention_mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])),
+         ValueError, r"rows \[1\] have no real token"),
+        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), task_ids=torch.tensor([0, 2])),
+         ValueError, "out of range"),
+        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), task_ids=torch.tensor([0])),
+         ValueError, r"shape \(2,\)"),
         (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), task_ids="weather"), KeyError, "Unknown task"),
-        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), task_ids=0, labels=torch.tensor([0, 2])), ValueError, "label indices"),
-        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), labels=torch.tensor([0, 1])), ValueError, "need `task_ids`"),
+        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), task_ids=0, labels=torch.tensor([0, 2])),
+         ValueError, "label indices"),
+        (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), labels=torch.tensor([0, 1])),
+         ValueError, "need `task_ids`"),
         (lambda m: m(), ValueError, "exactly one of"),
     ],
 )

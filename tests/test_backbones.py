@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TEXTS, tiny_qwen
+
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.backbones import PatchEmbedder, TextBackbone, open_text_backbone
 from hf_dtgma.features import features_fingerprint
@@ -29,7 +30,9 @@ def test_left_and_right_padding_give_the_same_features(backbone):
     assert backbone.tokenizer.pad_token == "<eos>"  # set from EOS, as for Qwen-style tokenizers without one
     assert not torch.equal(left_mask, right_mask)
     for row in range(len(TEXTS)):
-        torch.testing.assert_close(left[row][left_mask[row].bool()], right[row][right_mask[row].bool()], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            left[row][left_mask[row].bool()], right[row][right_mask[row].bool()], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_dtgma_reads_the_backbone_with_either_padding(backbone):
@@ -37,14 +40,18 @@ def test_dtgma_reads_the_backbone_with_either_padding(backbone):
     model.add_task("news", labels=["finance", "science", "sports"])
     model.attach_backbone(backbone)
     assert model.config.backbone == {"type": "text", "name": "tiny-qwen2", "revision": None, "layer": -1}
-    assert model.attached_backbone is backbone and not any(n.startswith("attached") for n, _ in model.named_parameters())
+    assert model.attached_backbone is backbone and not any(
+        n.startswith("attached") for n, _ in model.named_parameters()
+    )
     backbone.tokenizer.padding_side = "left"
     batch = backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
     from_ids = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=0).logits
     features, mask = backbone(batch["input_ids"], batch["attention_mask"])
     assert torch.equal(from_ids, model(inputs_embeds=features, attention_mask=mask, task_ids=0).logits)
     right, right_mask = encode(backbone, "right")
-    torch.testing.assert_close(model(inputs_embeds=right, attention_mask=right_mask, task_ids=0).logits, from_ids, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model(inputs_embeds=right, attention_mask=right_mask, task_ids=0).logits, from_ids, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_other_layers_and_loading_from_a_folder(tmp_path):
@@ -79,7 +86,12 @@ def test_a_folder_given_as_a_path_is_named_by_its_string(tmp_path):
 
 
 def test_a_different_backbone_is_refused(backbone):
-    model = DTGMAModel(DTGMAConfig(input_dim=32, hidden_size=16, num_heads=2, backbone={"type": "text", "name": "Qwen/Qwen2.5-1.5B", "revision": None, "layer": -1}))
+    model = DTGMAModel(
+        DTGMAConfig(
+            input_dim=32, hidden_size=16, num_heads=2,
+            backbone={"type": "text", "name": "Qwen/Qwen2.5-1.5B", "revision": None, "layer": -1},
+        )
+    )
     with pytest.raises(ValueError, match="built on backbone"):
         model.attach_backbone(backbone)
 

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from conftest import WORDS, tiny_qwen
+
 from hf_dtgma.backbones import TextBackbone
 from hf_dtgma.features import cache_features
 

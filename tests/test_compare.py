@@ -1,4 +1,5 @@
-"""scripts/compare.py end to end on a tiny Split Fashion-MNIST made here: every method through one harness, one table."""
+"""scripts/compare.py end to end on a tiny Split Fashion-MNIST made here: every method through one harness, one
+table."""
 
 import json
 import os
@@ -47,8 +48,10 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 6  # same settings: nothing retrained
-    changed = subprocess.run(command[:-1] + ["--cpu", "--methods", "ewc", "--seeds", "0", "--hparams", '{"ewc": {"penalty": 6.0}}'],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    changed = subprocess.run(
+        command[:-1] + ["--cpu", "--methods", "ewc", "--seeds", "0", "--hparams", '{"ewc": {"penalty": 6.0}}'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
     assert changed.returncode == 0 and "reusing" not in changed.stdout  # another penalty is another run
 
     tabulated = subprocess.run(
@@ -57,7 +60,8 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
     )
     assert tabulated.returncode == 0, tabulated.stderr[-3000:]
     assert "lwf seed 0: no run" in tabulated.stdout
-    assert not (tmp_path / "out" / "lwf").exists() and not (tmp_path / "out" / "dtgma" / "seed_2").exists()  # trained nothing
+    # trained nothing
+    assert not (tmp_path / "out" / "lwf").exists() and not (tmp_path / "out" / "dtgma" / "seed_2").exists()
     table = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert list(table["methods"]) == ["finetune", "dtgma"]  # lwf never ran; seed 2 of the others neither
     assert table["methods"]["dtgma"]["seeds"] == [0, 1]
@@ -70,7 +74,8 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
     "argv, message",
     [
         (["--seeds", "0,1,"], r"--seeds must be whole numbers separated by commas, e\.g\. 0,1,2; got '0,1,'"),
-        (["--hparams", "{ewc: {penalty: 100}}"], r"--hparams is not valid JSON \(Expecting property name.*double quotes"),
+        (["--hparams", "{ewc: {penalty: 100}}"],
+         r"--hparams is not valid JSON \(Expecting property name.*double quotes"),
         (["--methods", ","], r"--methods names no method; known: .*dtgma"),
     ],
 )

@@ -7,8 +7,16 @@ import pandas as pd
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from hf_dtgma.data import CL_BENCHMARK_ORDERS, load_cl_benchmark, load_clinc150, load_clinc150_out_of_scope, load_custom
-from hf_dtgma.data import cl_benchmark, clinc150, custom
+from hf_dtgma.data import (
+    CL_BENCHMARK_ORDERS,
+    cl_benchmark,
+    clinc150,
+    custom,
+    load_cl_benchmark,
+    load_clinc150,
+    load_clinc150_out_of_scope,
+    load_custom,
+)
 from hf_dtgma.data.cl_benchmark import CL_BENCHMARK_LABELS
 from hf_dtgma.data.clinc150 import CLINC150_DOMAINS
 
@@ -314,7 +322,9 @@ def test_custom_rows_without_a_task_and_task_names_that_cannot_name_a_folder(tmp
         row["task"] = None  # an empty cell in the CSV
     path = tmp_path / "blank.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
-    with pytest.raises(ValueError, match=r"blank.csv: 2 row\(s\) have an empty 'task' \(rows \[3, 4\].*give each its task"):
+    with pytest.raises(
+        ValueError, match=r"blank.csv: 2 row\(s\) have an empty 'task' \(rows \[3, 4\].*give each its task"
+    ):
         load_custom(str(path))
     for name in ("../model", "news/sports", ".."):
         path = tmp_path / "paths.csv"
@@ -327,7 +337,9 @@ def test_custom_files_that_cannot_be_read_and_a_folder_of_one_file(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "header.csv").write_text("text,label,task\n")
     (tmp_path / "broken.json").write_text('{"text": "a", "label": ')
-    for name, cause in (("empty.csv", "EmptyDataError"), ("header.csv", "corresponds to no data"), ("broken.json", "JSON")):
+    for name, cause in (
+        ("empty.csv", "EmptyDataError"), ("header.csv", "corresponds to no data"), ("broken.json", "JSON")
+    ):
         with pytest.raises(ValueError, match=rf"{name} cannot be read as a \.\w+ file \(.*{cause}.*at least one row"):
             load_custom(str(tmp_path / name))
     folder = tmp_path / "tasks"
@@ -342,7 +354,9 @@ def test_custom_labels_without_a_training_row_are_refused(tmp_path):
     rows += [{**row, "split": "validation"} for row in custom_rows("a", ["p", "q"], 3)]
     path = tmp_path / "test_only_label.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
-    with pytest.raises(ValueError, match=r"Task 'a' \(test_only_label.csv\): no training row has the label\(s\) \['r'\]"):
+    with pytest.raises(
+        ValueError, match=r"Task 'a' \(test_only_label.csv\): no training row has the label\(s\) \['r'\]"
+    ):
         load_custom(str(path))
 
     rows = custom_rows("a", ["p", "q"], 10) + custom_rows("a", ["r"], 1)  # r's one row cannot be in every split
@@ -354,5 +368,7 @@ def test_custom_labels_without_a_training_row_are_refused(tmp_path):
             load_custom(str(path), seed=seed)
         except ValueError as error:
             refused += 1
-            assert re.search(r"the carved test and validation split took every row of the label\(s\) \['r'\]", str(error))
+            assert re.search(
+                r"the carved test and validation split took every row of the label\(s\) \['r'\]", str(error)
+            )
     assert refused > 0

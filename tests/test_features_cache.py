@@ -4,6 +4,7 @@ import torch
 from datasets import Dataset
 
 from conftest import TEXTS, tiny_qwen
+
 from hf_dtgma.backbones import DeferredTextBackbone, TextBackbone
 from hf_dtgma.features import cache_features, pad_features
 
@@ -45,7 +46,9 @@ def test_a_cached_run_never_loads_the_backbone_weights(tmp_path):
     data = Dataset.from_dict({"text": TEXTS, "label": [0, 1, 0, 1]})
 
     def deferred():
-        return DeferredTextBackbone("tiny-qwen2", str(tmp_path / "qwen"), max_length=16, tokenizer_name_or_path=str(tmp_path / "tokenizer"))
+        return DeferredTextBackbone(
+            "tiny-qwen2", str(tmp_path / "qwen"), max_length=16, tokenizer_name_or_path=str(tmp_path / "tokenizer")
+        )
 
     first = deferred()
     assert first.hidden_size == 32 and not first.loaded

@@ -43,7 +43,10 @@ def test_an_adapter_only_loads_into_a_model_with_the_same_head_input(tmp_path):
     model.add_task("A", labels=["neg", "pos"])
     train_steps(model, "A")
     model.save_task("A", tmp_path / "A")
-    assert json.loads((tmp_path / "A" / "adapter_config.json").read_text())["shape_config"]["head_input"] == "task_tokens+inputs"
+    assert (
+        json.loads((tmp_path / "A" / "adapter_config.json").read_text())["shape_config"]["head_input"]
+        == "task_tokens+inputs"
+    )
     other = make_model()  # same seed: same shared weights, but heads that read the task tokens only
     with pytest.raises(ValueError, match="head_input"):
         other.load_task(tmp_path / "A")

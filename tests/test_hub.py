@@ -19,6 +19,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import filter_repo_objects, hf_raise_for_status
 
 from conftest import make_features, make_model, run_without_hf_dtgma, train_steps
+
 from hf_dtgma import DTGMAModel
 from hf_dtgma.hub import push_model, push_task, render_model_card
 from hf_dtgma.training import summarize, write_run_outputs

@@ -1,4 +1,5 @@
-"""The input stream: input rows computed on their own (once, for every task) give the whole-sequence masked attention."""
+"""The input stream: input rows computed on their own (once, for every task) give the whole-sequence masked
+attention."""
 
 import numpy as np
 import pytest
@@ -95,7 +96,9 @@ def test_selecting_from_joined_streams_gives_each_examples_stream(trained_model)
     model = trained_model
     long_features, long_mask = make_features(batch=4, tokens=7, seed=3)
     short_features, short_mask = make_features(batch=3, tokens=4, seed=4)
-    joined = DTGMAInputStream.cat([model.input_stream(long_features, long_mask), model.input_stream(short_features, short_mask)])
+    joined = DTGMAInputStream.cat(
+        [model.input_stream(long_features, long_mask), model.input_stream(short_features, short_mask)]
+    )
     assert joined.attention_mask.shape == (7, 7) and joined.keys[1].shape[2] == 7
     rows = torch.tensor([5, 1, 6])
     picked = joined.select(rows)
@@ -108,7 +111,9 @@ def test_selecting_from_joined_streams_gives_each_examples_stream(trained_model)
 
 
 def trainer_for(model, tmp_path):
-    config = ContinualTrainingConfig(output_dir=str(tmp_path), epochs=2, batch_size=8, eval_batch_size=8, patience=2, cpu=True)
+    config = ContinualTrainingConfig(
+        output_dir=str(tmp_path), epochs=2, batch_size=8, eval_batch_size=8, patience=2, cpu=True
+    )
     return ContinualTrainer(model, config)
 
 
@@ -124,7 +129,9 @@ def test_the_trainer_reads_streams_computed_once_and_drops_a_finished_tasks_trai
     results = trainer.fit(tasks)
     assert results["task_il"]["accuracy_matrix"][1][0] == results["task_il"]["accuracy_matrix"][0][0]
     # Every split's stream is computed once, though each is read many times (epochs, validations, evaluations).
-    assert sorted(computed) == sorted(getattr(task, split)._fingerprint for task in tasks for split in ("train", "validation", "test"))
+    assert sorted(computed) == sorted(
+        getattr(task, split)._fingerprint for task in tasks for split in ("train", "validation", "test")
+    )
     kept = set(strategy._streams)
     assert tasks[0].train._fingerprint not in kept and tasks[1].train._fingerprint not in kept
     assert {tasks[0].validation._fingerprint, tasks[1].test._fingerprint} <= kept
@@ -151,7 +158,9 @@ def test_evaluation_on_streams_equals_evaluation_on_features(tmp_path):
 
 def test_streams_are_not_cached_while_the_shared_weights_train(tmp_path):
     torch.manual_seed(0)
-    model = DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, shared_training="first_task"))
+    model = DTGMAModel(
+        DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, shared_training="first_task")
+    )
     model.add_task("task0", ["no", "yes"])
     strategy = DTGMAStrategy(model)
     tasks = synthetic_tasks(num_tasks=1)
@@ -209,7 +218,9 @@ def test_streams_are_computed_in_length_order_and_read_in_data_order(monkeypatch
     assert batch["labels"].tolist() == list(range(13))  # read back in the data set's order
     padded = pad_features([torch.from_numpy(f).float() for f in features])
     expected = model(**padded, task_ids=0).logits
-    torch.testing.assert_close(model(input_stream=batch["input_stream"], task_ids=0).logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model(input_stream=batch["input_stream"], task_ids=0).logits, expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_token_counts_reads_list_columns_and_selections():

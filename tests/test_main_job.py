@@ -63,7 +63,11 @@ def test_custom_csv_runs_end_to_end(tmp_path):
     # Class-incremental evaluation beside it: routed among the tasks seen so far, every router reported.
     assert [len(row) for row in results["class_il"]["accuracy_matrix"]] == [1, 2]
     assert results["class_il"]["average_accuracy"] <= results["task_il"]["average_accuracy"]
-    assert set(results["routing"]["validation"]) == set(results["routing"]["test"]) == {"mahalanobis", "energy", "combined"}
+    assert (
+        set(results["routing"]["validation"])
+        == set(results["routing"]["test"])
+        == {"mahalanobis", "energy", "combined"}
+    )
     assert results["routing"]["router"] == "mahalanobis" and 0.0 <= results["routing"]["task_accuracy"] <= 1.0
     assert "Class-incremental (no task id; router `mahalanobis`)" in (tmp_path / "out" / "results.md").read_text()
     assert list(results["validation_accuracy"]) == ["news", "sports"]

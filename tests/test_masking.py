@@ -3,6 +3,7 @@
 import torch
 
 from conftest import make_features, make_model, train_steps
+
 from hf_dtgma.modeling_dtgma import task_graph_mask
 
 

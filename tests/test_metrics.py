@@ -30,7 +30,9 @@ def test_hand_computed_values():
 
 def test_summary_and_single_task():
     summary = summarize(R, ["a", "b", "c"], reference=[0.9, 0.7, 0.95])
-    assert summary["per_task"]["a"] == {"accuracy_when_learned": 0.90, "final_accuracy": 0.60, "forgetting": pytest.approx(0.30)}
+    assert summary["per_task"]["a"] == {
+        "accuracy_when_learned": 0.90, "final_accuracy": 0.60, "forgetting": pytest.approx(0.30)
+    }
     assert summary["per_task"]["c"]["forgetting"] == 0.0 and summary["fwt"] == pytest.approx(0.0)
     assert average_forgetting([[0.5]]) == 0.0 and backward_transfer([[0.5]]) == 0.0
 

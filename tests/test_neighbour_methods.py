@@ -18,13 +18,17 @@ from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
 
 
 def model_config(**overrides) -> DTGMAConfig:
-    return DTGMAConfig(**{**dict(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.0), **overrides})
+    return DTGMAConfig(
+        **{**dict(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.0), **overrides}
+    )
 
 
 def fit(name: str, tmp_path, num_tasks: int = 3, epochs: int = 2, **hyperparameters):
     torch.manual_seed(0)
     strategy = build_strategy(name, model_config(), **hyperparameters)
-    config = ContinualTrainingConfig(output_dir=str(tmp_path / name), epochs=epochs, batch_size=16, patience=3, cpu=True)
+    config = ContinualTrainingConfig(
+        output_dir=str(tmp_path / name), epochs=epochs, batch_size=16, patience=3, cpu=True
+    )
     trainer = ContinualTrainer(strategy, config)
     return trainer, trainer.fit(synthetic_tasks(num_tasks))
 
@@ -315,7 +319,9 @@ def test_each_method_trains_on_images_through_the_patch_embedder(name, tmp_path)
         return pixels
 
     train, test = np.repeat(np.arange(10), 60), np.repeat(np.arange(10), 20)
-    np.savez(tmp_path / "fashion_mnist.npz", x_train=images(train, 0), y_train=train, x_test=images(test, 1), y_test=test)
+    np.savez(
+        tmp_path / "fashion_mnist.npz", x_train=images(train, 0), y_train=train, x_test=images(test, 1), y_test=test
+    )
     tasks = load_split_fashion_mnist(str(tmp_path), num_tasks=2)
     torch.manual_seed(0)
     config = DTGMAConfig(input_dim=16, hidden_size=16, num_heads=2, image_size=28, patch_size=7, num_channels=1)

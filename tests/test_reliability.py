@@ -112,10 +112,12 @@ BAD_INPUTS = [
          ValueError, r"integer tensor of shape \(2,\) \(or one id or task name\), got torch.float32 of shape \(2,\)"),
     case("boolean-task-id", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=True),
          ValueError, r"got torch.bool of shape \(2,\)"),
-    case("unknown-task-name-in-a-list", lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=["topic", "weather"]),
+    case("unknown-task-name-in-a-list",
+         lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=["topic", "weather"]),
          KeyError, r"Unknown task 'weather'. Known tasks: \['sentiment', 'topic'\]"),
     case("deferred-backbone-attached", lambda tmp: two_tasks().attach_backbone(SimpleNamespace(backbone=None)),
-         TypeError, r"takes a module such as `TextBackbone` or `PatchEmbedder`, got SimpleNamespace \(a deferred backbone: attach its `.backbone`\)"),
+         TypeError, r"takes a module such as `TextBackbone` or `PatchEmbedder`, got SimpleNamespace "
+         r"\(a deferred backbone: attach its `.backbone`\)"),
     case("predict-no-texts", lambda tmp: two_tasks().predict([]), ValueError, r"`texts` is empty"),
     case("backbone-folder-missing", lambda tmp: open_text_backbone(str(tmp / "nope")),
          FileNotFoundError, r"nope: no such folder, and not a Hub id"),
@@ -196,7 +198,8 @@ BAD_INPUTS = [
     case("config-from-a-newer-version", lambda tmp: DTGMAConfig(format_version=3),
          ValueError, r"format_version=3, and this hf_dtgma reads format 2 only \(it was saved by a newer hf_dtgma\)"),
     case("config-from-before-routing", lambda tmp: DTGMAConfig(format_version=1),
-         ValueError, r"format_version=1, and this hf_dtgma reads format 2 only \(it was saved by an older hf_dtgma.*\)\. Load the model with the code saved next to it"),
+         ValueError, r"format_version=1, and this hf_dtgma reads format 2 only "
+         r"\(it was saved by an older hf_dtgma.*\)\. Load the model with the code saved next to it"),
     # a task's name names its adapter's folder; the training settings are checked before any work
     case("task-name-that-is-a-path", lambda tmp: two_tasks().add_task("../model", labels=["a", "b"]),
          ValueError, r"Task name '\.\./model' cannot name a folder .*without '/'"),

@@ -4,8 +4,9 @@ statistics belong to one task and never change afterwards, and they travel with 
 import numpy as np
 import pytest
 import torch
-from conftest import INPUT_DIM, make_model, run_without_hf_dtgma
 from datasets import Dataset
+
+from conftest import INPUT_DIM, make_model, run_without_hf_dtgma
 
 from hf_dtgma import DTGMAModel
 from hf_dtgma.routing import (
@@ -136,7 +137,9 @@ def test_reject_threshold_calibration_and_auroc():
     assert model.config.reject_threshold == threshold
     validation = torch.cat([reject_scores(model, task.validation) for task in tasks])
     assert abs((validation >= threshold).double().mean().item() - 0.9) < 0.03
-    shifted = Dataset.from_dict({"features": [np.asarray(f) + 30.0 for f in tasks[0].test["features"]], "label": tasks[0].test["label"]})
+    shifted = Dataset.from_dict(
+        {"features": [np.asarray(f) + 30.0 for f in tasks[0].test["features"]], "label": tasks[0].test["label"]}
+    )
     in_scope = torch.cat([reject_scores(model, task.test) for task in tasks])
     assert auroc(in_scope, reject_scores(model, shifted)) > 0.99
     # The rank formula on a hand-computed case: 3 of 4 pairs ordered, one tie (counts half).

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from conftest import make_features, make_model, run_without_hf_dtgma, train_steps
+
 from hf_dtgma import DTGMAConfig, DTGMAModel
 
 
@@ -41,7 +42,9 @@ def test_saved_folder_holds_the_remote_code(trained):
     _, path = trained
     assert {"config.json", "model.safetensors", "modeling_dtgma.py", "configuration_dtgma.py"} <= set(os.listdir(path))
     config = json.loads((path / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_dtgma.DTGMAConfig", "AutoModel": "modeling_dtgma.DTGMAModel"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_dtgma.DTGMAConfig", "AutoModel": "modeling_dtgma.DTGMAModel"
+    }
     assert [task["name"] for task in config["tasks"]] == ["sentiment", "topic"]
 
 
@@ -51,7 +54,10 @@ def test_auto_classes_in_library(trained):
     loaded = AutoModel.from_pretrained(path).eval()
     assert type(loaded) is DTGMAModel
     features, mask = make_features()
-    assert torch.equal(loaded(inputs_embeds=features, attention_mask=mask).logits, model(inputs_embeds=features, attention_mask=mask).logits)
+    assert torch.equal(
+        loaded(inputs_embeds=features, attention_mask=mask).logits,
+        model(inputs_embeds=features, attention_mask=mask).logits,
+    )
 
 
 def test_trust_remote_code_without_hf_dtgma(trained, tmp_path):

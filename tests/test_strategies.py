@@ -16,19 +16,23 @@ from hf_dtgma.strategies.joint import with_task_ids
 from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig
 
 METHODS = [
-    "dtgma", "dtgma_full", "joint", "finetune", "ewc", "mas", "lwf", "hat", "packnet", "derpp", "lora", "adapter", "dytox",
-    "tag", "daformer", "dwa",
+    "dtgma", "dtgma_full", "joint", "finetune", "ewc", "mas", "lwf", "hat", "packnet", "derpp", "lora", "adapter",
+    "dytox", "tag", "daformer", "dwa",
 ]
 
 
 def model_config(**overrides) -> DTGMAConfig:
-    return DTGMAConfig(**{**dict(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.0), **overrides})
+    return DTGMAConfig(
+        **{**dict(input_dim=DIM, hidden_size=16, num_heads=2, task_rank=2, hidden_dropout=0.0), **overrides}
+    )
 
 
 def fit(name: str, tmp_path, epochs: int = 3, **hyperparameters):
     torch.manual_seed(0)
     strategy = build_strategy(name, model_config(), **hyperparameters)
-    config = ContinualTrainingConfig(output_dir=str(tmp_path / name), epochs=epochs, batch_size=16, patience=3, cpu=True)
+    config = ContinualTrainingConfig(
+        output_dir=str(tmp_path / name), epochs=epochs, batch_size=16, patience=3, cpu=True
+    )
     trainer = ContinualTrainer(strategy, config)
     return trainer, trainer.fit(synthetic_tasks())
 
@@ -91,7 +95,9 @@ def test_hat_annealing_and_regulariser(tmp_path):
     assert all(((gate == 0) | (gate == 1) | ((gate > 0) & (gate < 1))).all() for gate in gates.values())
     soft = strategy.gates(2, 1 / strategy.config.s_max)
     assert all(((gate - 0.5).abs() < 0.02).all() for gate in soft.values())  # s = 1/s_max: every gate near 1/2
-    assert all(embedding.abs().max() <= strategy.config.embedding_clamp for embedding in strategy.embeddings[2].values())
+    assert all(
+        embedding.abs().max() <= strategy.config.embedding_clamp for embedding in strategy.embeddings[2].values()
+    )
     # Units task 0 uses are closed to later tasks' updates: weight rows of its open units carry multiplier 0.
     multipliers = strategy._weight_multipliers()
     weight = strategy.network.layers[0].q.weight

@@ -12,7 +12,7 @@ def test_eight_binary_domains_with_enough_distinct_sentences():
         for split, minimum in (("train", 60), ("validation", 10), ("test", 25)):
             data = getattr(task, split)
             for label in (0, 1):
-                texts = [t for t, l in zip(data["text"], data["label"]) if l == label]
+                texts = [t for t, l in zip(data["text"], data["label"]) if l == label]  # noqa: E741
                 assert len(texts) >= minimum, (task.name, split, label)
                 assert len({normalize_text(t) for t in texts}) == len(texts), (task.name, split, label)
 

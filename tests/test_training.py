@@ -25,7 +25,9 @@ def new_model() -> DTGMAModel:
 
 
 def training_config(output_dir) -> ContinualTrainingConfig:
-    return ContinualTrainingConfig(output_dir=str(output_dir), epochs=3, batch_size=16, eval_batch_size=16, patience=2, cpu=True)
+    return ContinualTrainingConfig(
+        output_dir=str(output_dir), epochs=3, batch_size=16, eval_batch_size=16, patience=2, cpu=True
+    )
 
 
 def run(output_dir, resume: bool = False) -> dict:
@@ -88,7 +90,9 @@ def test_a_run_clears_only_its_own_interrupted_writes_and_saves_with_the_usual_p
     assert not [path.name for path in out.iterdir() if path.name.endswith(".hf_dtgma.tmp")]
     checkpoint = out / "checkpoint-3"
     assert checkpoint.stat().st_mode & 0o777 == 0o755  # not tempfile's private 0o700 / 0o600
-    for path in (out / "latest_checkpoint.json", checkpoint / "trainer_state.json", checkpoint / "model" / "config.json"):
+    for path in (
+        out / "latest_checkpoint.json", checkpoint / "trainer_state.json", checkpoint / "model" / "config.json"
+    ):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
@@ -130,7 +134,8 @@ def test_a_new_run_replaces_another_only_when_told(tmp_path):
     with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
         patch.setattr(ContinualTrainer, "_train_task", crash)  # a crash before the new run's first checkpoint ...
         trainer.fit(synthetic_tasks()[:1])
-    assert not (out / "latest_checkpoint.json").exists() and not (out / "checkpoint-3").exists()  # ... resumes nothing old
+    # ... resumes nothing old
+    assert not (out / "latest_checkpoint.json").exists() and not (out / "checkpoint-3").exists()
     trainer = ContinualTrainer(new_model(), config)
     results = trainer.fit(synthetic_tasks()[:1])
     write_run_outputs(trainer.model, results, out)
@@ -213,7 +218,9 @@ def test_run_outputs(tmp_path):
 @pytest.mark.parametrize("shared_training", ["never", "first_task"])
 def test_the_kept_parameters_are_the_best_validation_epochs(tmp_path, shared_training):
     torch.manual_seed(0)
-    model = DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, hidden_dropout=0.0, shared_training=shared_training))
+    model = DTGMAModel(
+        DTGMAConfig(input_dim=DIM, hidden_size=16, num_heads=2, hidden_dropout=0.0, shared_training=shared_training)
+    )
     config = ContinualTrainingConfig(output_dir=str(tmp_path), epochs=6, batch_size=16, patience=6, cpu=True)
     trainer = ContinualTrainer(model, config)
     tasks = synthetic_tasks(num_tasks=2)
@@ -230,7 +237,11 @@ def test_gradients_are_bit_identical_from_one_backward_pass_to_the_next(mode):
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
-        model = DTGMAModel(DTGMAConfig(input_dim=DIM, hidden_size=64, num_heads=2, task_rank=8, hidden_dropout=0.0, task_param_mode=mode))
+        model = DTGMAModel(
+            DTGMAConfig(
+                input_dim=DIM, hidden_size=64, num_heads=2, task_rank=8, hidden_dropout=0.0, task_param_mode=mode
+            )
+        )
         model.add_task("a", labels=["x", "y"])
         features, labels = torch.randn(64, 5, DIM), torch.randint(0, 2, (64,))
         gradients = set()

@@ -76,7 +76,9 @@ def test_split_mnist_from_the_test_files_only(mnist_test_only):
         for split in (task.train, task.validation, task.test):
             assert sorted(set(split["label"])) == [0, 1]
             # label i of the task is digit 2·index + i
-            np.testing.assert_array_equal(first_pixel_classes(split, 0.1307, 0.3081), 2 * index + np.asarray(split["label"]))
+            np.testing.assert_array_equal(
+                first_pixel_classes(split, 0.1307, 0.3081), 2 * index + np.asarray(split["label"])
+            )
         assert task.train.features["pixel_values"].shape == (1, 28, 28)
     assert sum(len(t.train) + len(t.validation) for t in tasks) == 160 and sum(len(t.test) for t in tasks) == 40
 
@@ -115,7 +117,9 @@ def test_split_fashion_mnist_from_npz(tmp_path):
         assert (len(task.train), len(task.validation), len(task.test)) == (18, 6, 8)
         assert task.validation["label"].count(0) == 3  # stratified
         assert_disjoint(task)
-        np.testing.assert_array_equal(first_pixel_classes(task.test, 0.2860, 0.3530), 2 * index + np.asarray(task.test["label"]))
+        np.testing.assert_array_equal(
+            first_pixel_classes(task.test, 0.2860, 0.3530), 2 * index + np.asarray(task.test["label"])
+        )
 
 
 def test_split_cifar100_from_the_python_pickles(tmp_path):
@@ -265,7 +269,9 @@ def test_image_model_round_trips_through_save_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "model")
     loaded = DTGMAModel.from_pretrained(tmp_path / "model")
     pixels = torch.randn(3, 1, 8, 8)
-    assert loaded.config.image_size == 8 and torch.equal(loaded(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits)
+    assert loaded.config.image_size == 8 and torch.equal(
+        loaded(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits
+    )
     with pytest.raises(ValueError, match=r"shape \(batch, 1, 8, 8\)"):
         loaded(pixel_values=torch.randn(3, 1, 9, 9))
 
@@ -279,10 +285,15 @@ def test_train_transform_applies_to_training_batches_only(tmp_path):
 
     def split(n, seed):
         generator = torch.Generator().manual_seed(seed)
-        return Dataset.from_dict({"pixel_values": torch.randn(n, 1, 8, 8, generator=generator).numpy(), "label": [i % 2 for i in range(n)]})
+        return Dataset.from_dict(
+            {"pixel_values": torch.randn(n, 1, 8, 8, generator=generator).numpy(), "label": [i % 2 for i in range(n)]}
+        )
 
     task = ContinualTask("a", ["x", "y"], split(10, 0), split(6, 1), split(6, 2), train_transform=transform)
-    trainer = ContinualTrainer(image_model("shared"), ContinualTrainingConfig(output_dir=str(tmp_path), epochs=2, batch_size=4, patience=5, cpu=True))
+    trainer = ContinualTrainer(
+        image_model("shared"),
+        ContinualTrainingConfig(output_dir=str(tmp_path), epochs=2, batch_size=4, patience=5, cpu=True),
+    )
     trainer.fit([task])
     assert seen == [4, 4, 2, 4, 4, 2]  # 2 epochs of 10 training rows; never the validation or test rows
 
@@ -302,13 +313,17 @@ def test_vision_script_runs_end_to_end(tmp_path):
     command = [
         sys.executable, str(ROOT / "scripts" / "vision_splits.py"), "--benchmark", "split_fashion_mnist",
         "--data-dir", str(tmp_path), "--num-tasks", "2", "--embed-dim", "16", "--hidden-size", "16", "--num-heads", "2",
-        "--epochs", "2", "--patch-embedder", "per_task", "--max-shift", "1", "--cpu", "--output-dir", str(tmp_path / "out"),
+        "--epochs", "2", "--patch-embedder", "per_task", "--max-shift", "1", "--cpu",
+        "--output-dir", str(tmp_path / "out"),
     ]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["benchmark"] == "split_fashion_mnist" and list(results["validation_accuracy"]) == ["t-shirt_trouser", "pullover_dress"]
+    assert (
+        results["benchmark"] == "split_fashion_mnist"
+        and list(results["validation_accuracy"]) == ["t-shirt_trouser", "pullover_dress"]
+    )
     matrix = results["task_il"]["accuracy_matrix"]
     assert [len(row) for row in matrix] == [1, 2] and matrix[1][0] == matrix[0][0]
     assert results["task_il"]["average_forgetting"] == 0.0 and results["seconds_data"] > 0

@@ -155,7 +155,8 @@ def _group(dataset: Dataset, column: str, where: str, meaning: str) -> dict[str,
     empty = [i for i, value in enumerate(values) if value is None or not str(value).strip()]
     if empty:  # else they would become a task named "None"
         raise ValueError(
-            f"{where}: {len(empty)} row(s) have an empty {column!r} (rows {empty[:10]}{' ...' if len(empty) > 10 else ''}"
+            f"{where}: {len(empty)} row(s) have an empty {column!r} "
+            f"(rows {empty[:10]}{' ...' if len(empty) > 10 else ''}"
             f", counting its data rows from 0): give each its {meaning}, or drop them."
         )
     for i, value in enumerate(values):

@@ -13,7 +13,7 @@ Hugging Face Hub by id, or from a local folder (`data_dir`) in the layout of the
 
 Where a local copy lacks a split (the offline MNIST is the 10,000-image test set only), the loader carves one with a
 fixed seed, stratified, and says so in each task's `notes`. Validation splits are always carved from training data.
-"""
+"""  # noqa: E501 (the table's rows)
 
 from __future__ import annotations
 
@@ -129,7 +129,9 @@ def _local_folder(data_dir: str | Path, layout: str) -> Path:
     return folder
 
 
-def read_mnist(data_dir: str | Path | None, seed: int = 0, test_fraction: float = 0.2) -> tuple[ImageArrays, ImageArrays, str]:
+def read_mnist(
+    data_dir: str | Path | None, seed: int = 0, test_fraction: float = 0.2
+) -> tuple[ImageArrays, ImageArrays, str]:
     """MNIST train and test sets, and a note on where they came from.
 
     From the Hub (`ylecun/mnist`) when `data_dir` is None. A local folder with only the 10,000 test images (the
@@ -144,7 +146,8 @@ def read_mnist(data_dir: str | Path | None, seed: int = 0, test_fraction: float 
         return train, test, "MNIST train / test files"
     keep, held = stratified_split(test.labels, test_fraction, seed)
     note = (
-        f"offline MNIST: only the {len(test.labels):,} test images exist; split into {len(keep)} train / {len(held)} test "
+        f"offline MNIST: only the {len(test.labels):,} test images exist; "
+        f"split into {len(keep)} train / {len(held)} test "
         f"({test_fraction:.0%} of each digit held out, seed {seed})"
     )
     return test.take(keep), test.take(held), note
@@ -241,7 +244,9 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
-def to_pixel_dataset(images: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> Dataset:
+def to_pixel_dataset(
+    images: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Dataset:
     """A Dataset of normalised float32 `pixel_values (C, H, W)` and int64 `label` from uint8 images `(N, H, W[, C])`."""
     pixels = images.astype(np.float32) / 255.0
     pixels = pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)
@@ -275,7 +280,11 @@ def class_split_tasks(
         labels = [class_names[c] for c in group]
         tasks.append(
             ContinualTask(
-                name=name_prefix + "_".join(labels) if len(labels) <= 3 else f"{name_prefix}classes_{group[0]}-{group[-1]}",
+                name=(
+                    name_prefix + "_".join(labels)
+                    if len(labels) <= 3
+                    else f"{name_prefix}classes_{group[0]}-{group[-1]}"
+                ),
                 labels=labels,
                 train=to_pixel_dataset(fit.images, fit.labels, *stats),
                 validation=to_pixel_dataset(validation.images, validation.labels, *stats),
@@ -328,7 +337,9 @@ def _check_num_tasks(num_tasks: int | None, available: int, benchmark: str) -> i
     if num_tasks is None:
         return available
     if not 1 <= num_tasks <= available:
-        raise ValueError(f"{benchmark} has {available} tasks; `num_tasks` must be between 1 and {available}, got {num_tasks}.")
+        raise ValueError(
+            f"{benchmark} has {available} tasks; `num_tasks` must be between 1 and {available}, got {num_tasks}."
+        )
     return num_tasks
 
 
@@ -349,7 +360,8 @@ def load_split_mnist(
     train, test, notes = read_mnist(data_dir, seed=seed)
     groups = [[2 * i, 2 * i + 1] for i in range(_check_num_tasks(num_tasks, 5, "split_mnist"))]
     return class_split_tasks(
-        train, test, groups, [str(d) for d in range(10)], MNIST_STATS, validation_fraction, seed, notes, train_per_task, max_shift
+        train, test, groups, [str(d) for d in range(10)], MNIST_STATS, validation_fraction, seed, notes, train_per_task,
+        max_shift,
     )
 
 
@@ -435,7 +447,14 @@ def load_omniglot(
         raise ValueError(f"`drawers` {drawers} must be three positive counts summing to {images.shape[1]} drawings.")
     if tasks_by == "characters":
         available = len(images) // classes_per_task
-        groups = [(f"characters_{classes_per_task * i}-{classes_per_task * (i + 1) - 1}", classes_per_task * i, classes_per_task) for i in range(available)]
+        groups = [
+            (
+                f"characters_{classes_per_task * i}-{classes_per_task * (i + 1) - 1}",
+                classes_per_task * i,
+                classes_per_task,
+            )
+            for i in range(available)
+        ]
     else:
         if alphabets is None:
             raise ValueError(

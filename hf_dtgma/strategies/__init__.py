@@ -19,9 +19,9 @@ from ..configuration_dtgma import DTGMAConfig
 from .base import ContinualStrategy, SharedEncoderStrategy
 from .daformer import DAFormerStrategy
 from .derpp import DERPPStrategy
+from .dtgma import DTGMAFullStrategy, DTGMAStrategy
 from .dwa import DWAStrategy
 from .dytox import DyToxStrategy
-from .dtgma import DTGMAFullStrategy, DTGMAStrategy
 from .finetune import FinetuneStrategy
 from .hat import HATStrategy
 from .joint import JointStrategy
@@ -47,7 +47,9 @@ def register_strategy(strategy: type[ContinualStrategy]) -> type[ContinualStrate
     if not strategy.name:
         raise ValueError(f"{strategy.__name__} needs a `name` to be registered.")
     if STRATEGIES.get(strategy.name, strategy) is not strategy:
-        raise ValueError(f"A strategy named {strategy.name!r} is already registered ({STRATEGIES[strategy.name].__name__}).")
+        raise ValueError(
+            f"A strategy named {strategy.name!r} is already registered ({STRATEGIES[strategy.name].__name__})."
+        )
     STRATEGIES[strategy.name] = strategy
     return strategy
 
@@ -61,7 +63,8 @@ def build_strategy(name: str, model_config: DTGMAConfig, **hyperparameters: Any)
     unknown = sorted(set(hyperparameters) - fields)
     if unknown:
         raise ValueError(
-            f"{name} has no hyperparameter {', '.join(map(repr, unknown))}; its hyperparameters: {sorted(fields) or 'none'}."
+            f"{name} has no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"its hyperparameters: {sorted(fields) or 'none'}."
         )
     return strategy(model_config, strategy.config_class(**hyperparameters))
 

@@ -121,7 +121,9 @@ class ContinualStrategy:
         """AdamW parameter groups (a method whose frozen weights must not decay overrides this)."""
         return [{"params": self.trainable_parameters(), "weight_decay": weight_decay}]
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         """Loss of one training batch of task `index`; `model` is `module` as prepared by Accelerate, `progress` the
         position of the batch in its epoch (0 → first, 1 → last)."""
         raise NotImplementedError
@@ -179,7 +181,9 @@ class SharedEncoderStrategy(ContinualStrategy):
         logits = (model or self.network)(**model_inputs(batch), task_ids=task_ids)
         return self.classification_loss(logits, batch["labels"])
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         return self.task_loss(batch, index, model)
 
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:

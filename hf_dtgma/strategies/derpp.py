@@ -54,7 +54,9 @@ class DERPPStrategy(SharedEncoderStrategy):
         self.buffer: list[_Stored] = []
         self.seen = 0
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         logits = self.network(**model_inputs(batch), task_ids=index)
         loss = self.classification_loss(logits, batch["labels"])
         if self.buffer:

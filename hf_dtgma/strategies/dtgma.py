@@ -23,8 +23,8 @@ from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..configuration_dtgma import DTGMAConfig
 from ..batches import batch_loader
+from ..configuration_dtgma import DTGMAConfig
 from ..features import token_counts
 from ..modeling_dtgma import DTGMAInputStream, DTGMAModel
 from ..routing import fit_task_router
@@ -77,7 +77,9 @@ class DTGMAStrategy(ContinualStrategy):
         frozen = not any(param.requires_grad for param in model.shared_parameters())
         fixed = "features" in dataset.column_names and "task_id" not in dataset.column_names and transform is None
         if not (frozen and fixed and model.config.image_size is None):
-            return super().batches(dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform, name=name)
+            return super().batches(
+                dataset, batch_size, shuffle=shuffle, generator=generator, transform=transform, name=name
+            )
         if dataset._fingerprint not in self._streams:
             self._streams[dataset._fingerprint] = self._input_streams(dataset, name)
         stream, labels, positions = self._streams[dataset._fingerprint]
@@ -86,13 +88,15 @@ class DTGMAStrategy(ContinualStrategy):
             rows = positions[torch.tensor(rows)]
             return {"input_stream": stream.select(rows), "labels": labels[rows]}
 
-        return DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+        return DataLoader(
+            range(len(dataset)), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
+        )
 
     @torch.no_grad()
     def _input_streams(self, dataset: Dataset, name: str) -> tuple[DTGMAInputStream, torch.Tensor, torch.Tensor]:
         """The input stream of every example of `dataset`, in evaluation mode, computed in batches of examples of
-        similar length (little padding: the input rows are the costly part of a DTG-MA forward). Returns the stream
-        and the labels `(n,)` in that length order, and `positions` `(n,)`: where example i of `dataset` sits in them."""
+        similar length (little padding: the input rows are the costly part of a DTG-MA forward). Returns the stream and
+        the labels `(n,)` in that length order, and `positions` `(n,)`: where example i of `dataset` sits in them."""
         model, was_training = self.model, self.model.training
         device = model.input_proj.weight.device
         order = np.argsort(token_counts(dataset), kind="stable")
@@ -100,7 +104,9 @@ class DTGMAStrategy(ContinualStrategy):
         model.eval()
         try:
             for batch in batch_loader(dataset.select(order), STREAM_BATCH_SIZE, name=name):
-                streams.append(model.input_stream(batch["inputs_embeds"].to(device), batch["attention_mask"].to(device)))
+                streams.append(
+                    model.input_stream(batch["inputs_embeds"].to(device), batch["attention_mask"].to(device))
+                )
                 labels.append(batch["labels"])
         finally:
             model.train(was_training)
@@ -108,7 +114,9 @@ class DTGMAStrategy(ContinualStrategy):
         positions[torch.from_numpy(order)] = torch.arange(len(order))
         return DTGMAInputStream.cat(streams), torch.cat(labels), positions
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         if not self.label_smoothing:
             return model(**batch, task_ids=index).loss  # the model's own (checked) cross-entropy
         return self.classification_loss(model(**model_inputs(batch), task_ids=index).logits, batch["labels"])

@@ -160,7 +160,9 @@ class DWAStrategy(SharedEncoderStrategy):
                 mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         return masked_mean(tokens.to(self.network.input_proj.weight.dtype), mask.bool())
 
-    def masks(self, inputs: dict[str, torch.Tensor], s: float) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def masks(
+        self, inputs: dict[str, torch.Tensor], s: float
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """The context z `(B, C)` and each gated layer's gates `{name: (σ(s·a) (B, out), σ(s·b) (B, in))}`; a layer
         that reads a LayerNorm output (every unit non-zero) gets input gates of ones, as HAT's input side."""
         z, logits = self.generator(self.pooled_inputs(inputs))
@@ -195,13 +197,19 @@ class DWAStrategy(SharedEncoderStrategy):
             multipliers[modules[name].bias] = 1 - out_used
         return multipliers
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         config = self.config
         self._s = 1 / config.s_max + (config.s_max - 1 / config.s_max) * progress
         inputs = model_inputs(batch)
         z, gates = self.masks(inputs, self._s)
         loss = self.classification_loss(self._masked_logits(inputs, index, gates), batch["labels"])
-        loss = loss + config.sparsity * self.sparsity(gates) + config.triplet * batch_hard_triplet(z, batch["labels"], config.margin)
+        loss = (
+            loss
+            + config.sparsity * self.sparsity(gates)
+            + config.triplet * batch_hard_triplet(z, batch["labels"], config.margin)
+        )
         if self.importance:
             loss = loss + config.penalty / 2 * self.penalty()
         return loss
@@ -218,7 +226,10 @@ class DWAStrategy(SharedEncoderStrategy):
         return (used / free).mean()
 
     def penalty(self) -> torch.Tensor:
-        return sum((self.importance[name] * (param - self.anchor[name]) ** 2).sum() for name, param in self.generator.named_parameters())
+        return sum(
+            (self.importance[name] * (param - self.anchor[name]) ** 2).sum()
+            for name, param in self.generator.named_parameters()
+        )
 
     def before_optimizer_step(self) -> None:
         self.update_mask.before_step()
@@ -228,9 +239,17 @@ class DWAStrategy(SharedEncoderStrategy):
 
     def end_task(self, index: int, tasks: list, retrain: Retrain) -> None:
         new = self.units_used(tasks[index].train)
-        self.used = {name: tuple(torch.maximum(old, now) for old, now in zip(self.used[name], new[name])) for name in new} if self.used else new
+        self.used = (
+            {name: tuple(torch.maximum(old, now) for old, now in zip(self.used[name], new[name])) for name in new}
+            if self.used
+            else new
+        )
         fisher = self.task_fisher(tasks[index].train, index)
-        self.importance = {name: self.config.decay * self.importance[name] + value for name, value in fisher.items()} if self.importance else fisher
+        self.importance = (
+            {name: self.config.decay * self.importance[name] + value for name, value in fisher.items()}
+            if self.importance
+            else fisher
+        )
         self.anchor = {name: param.detach().clone() for name, param in self.generator.named_parameters()}
 
     @torch.no_grad()
@@ -241,7 +260,9 @@ class DWAStrategy(SharedEncoderStrategy):
         device = self.network.input_proj.weight.device
         used: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for batch in self.batches(dataset, 256):
-            _, gates = self.masks({name: value.to(device) for name, value in model_inputs(batch).items()}, self.config.s_max)
+            _, gates = self.masks(
+                {name: value.to(device) for name, value in model_inputs(batch).items()}, self.config.s_max
+            )
             for name, (out_gate, in_gate) in gates.items():
                 now = (out_gate.amax(0), in_gate.amax(0))
                 used[name] = tuple(torch.maximum(a, b) for a, b in zip(used[name], now)) if name in used else now

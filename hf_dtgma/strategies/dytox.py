@@ -53,7 +53,6 @@ from .base import ContinualStrategy, Retrain, model_inputs
 from .joint import with_task_id
 from .network import MultiHeadEncoder
 
-
 FROZEN_WHILE_BALANCING = ("input_norm.", "input_proj.", "patch_embed.", "layers.")
 
 
@@ -262,7 +261,9 @@ class DyToxStrategy(ContinualStrategy):
 
     # ------------------------------------------------------------------ training and evaluation
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         inputs = model_inputs(batch)
         task_ids = batch.get("task_ids")
         if task_ids is None:
@@ -291,11 +292,14 @@ class DyToxStrategy(ContinualStrategy):
             divergence_logits = head.classifier(head.norm(embeddings[:, index])).float()
             divergence_labels = torch.where(task_ids == index, batch["labels"], self.num_labels[index])
             divergence_targets = F.one_hot(divergence_labels, divergence_logits.shape[1]).float()
-            loss = loss + self.config.divergence * F.binary_cross_entropy_with_logits(divergence_logits, divergence_targets)
+            loss = loss + self.config.divergence * F.binary_cross_entropy_with_logits(
+                divergence_logits, divergence_targets
+            )
         return loss
 
     def feature_distillation(self, x: torch.Tensor, teacher_x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """A distillation term on the encoder's token states `(B, N, D)`, the model's and the teacher's (DyTox: none)."""
+        """A distillation term on the encoder's token states `(B, N, D)`, the model's and the teacher's
+        (DyTox: none)."""
         return x.new_zeros(())
 
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
@@ -308,7 +312,8 @@ class DyToxStrategy(ContinualStrategy):
     def parameter_counts(self, task_names: list[str]) -> dict[str, Any]:
         shared = sum(param.numel() for _, param in self.network.encoder_parameters())
         per_task = {
-            name: self.network.task_tokens[index].numel() + sum(p.numel() for p in self.network.heads[index].parameters())
+            name: self.network.task_tokens[index].numel()
+            + sum(p.numel() for p in self.network.heads[index].parameters())
             for index, name in enumerate(task_names)
         }
         return {"total": shared + sum(per_task.values()), "shared": shared, "per_task": per_task}

@@ -83,7 +83,9 @@ class HATStrategy(SharedEncoderStrategy):
         """Gate of every unit of every gated projection for task `index` at slope `s`: `{name: (out,)}`."""
         return {name: torch.sigmoid(s * self.embeddings[index][self._key(name)]) for name in self.gated}
 
-    def _gated_logits(self, inputs: dict[str, torch.Tensor], index: int, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _gated_logits(
+        self, inputs: dict[str, torch.Tensor], index: int, gates: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Logits of task `index` with every gated unit's output scaled by its gate (rows of W and b scaled)."""
         modules = dict(self.network.named_modules())
         params = {}
@@ -112,12 +114,18 @@ class HATStrategy(SharedEncoderStrategy):
         for name in self.gated:
             out_gate = self.previous[name]
             source = READS.get(name.rsplit(".", 1)[-1])
-            in_gate = self.previous[name.rsplit(".", 1)[0] + "." + source] if source else torch.ones_like(modules[name].weight[0])
+            in_gate = (
+                self.previous[name.rsplit(".", 1)[0] + "." + source]
+                if source
+                else torch.ones_like(modules[name].weight[0])
+            )
             multipliers[modules[name].weight] = 1 - torch.minimum(out_gate[:, None], in_gate[None, :])
             multipliers[modules[name].bias] = 1 - out_gate
         return multipliers
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         s_max = self.config.s_max
         self._s = 1 / s_max + (s_max - 1 / s_max) * progress
         gates = self.gates(index, self._s)
@@ -147,7 +155,9 @@ class HATStrategy(SharedEncoderStrategy):
 
     def end_task(self, index: int, tasks: list, retrain: Retrain) -> None:
         final = {name: gate.detach() for name, gate in self.gates(index, self.config.s_max).items()}
-        self.previous = {name: torch.maximum(self.previous[name], final[name]) if self.previous else final[name] for name in final}
+        self.previous = {
+            name: torch.maximum(self.previous[name], final[name]) if self.previous else final[name] for name in final
+        }
         self.embeddings.requires_grad_(False)
 
     def logits(self, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:

@@ -44,7 +44,9 @@ class LwFStrategy(SharedEncoderStrategy):
         super().begin_task(index, tasks)
         self.network.heads.requires_grad_(True)
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         inputs = model_inputs(batch)
         pooled = self.network.encode(**inputs)
         loss = self.classification_loss(self.network.head_logits(pooled, index), batch["labels"])

@@ -57,7 +57,9 @@ class MultiHeadEncoder(nn.Module):
         super().__init__()
         self.config = config
         if config.image_size is not None:
-            self.patch_embed = PatchEmbedder(config.image_size, config.patch_size, config.num_channels, config.input_dim)
+            self.patch_embed = PatchEmbedder(
+                config.image_size, config.patch_size, config.num_channels, config.input_dim
+            )
         self.input_norm = nn.LayerNorm(config.input_dim, eps=config.layer_norm_eps)
         self.input_proj = nn.Linear(config.input_dim, config.hidden_size)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
@@ -122,7 +124,9 @@ class MultiHeadEncoder(nn.Module):
         for task in task_ids.unique().tolist():
             rows = (task_ids == task).nonzero().squeeze(1)
             task_logits = self.head_logits(pooled.index_select(0, rows), task)
-            logits = logits.index_put((rows[:, None], torch.arange(task_logits.shape[1], device=rows.device)), task_logits)
+            logits = logits.index_put(
+                (rows[:, None], torch.arange(task_logits.shape[1], device=rows.device)), task_logits
+            )
         return logits
 
     def head_logits(self, pooled: torch.Tensor, task: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from .base import Retrain, SharedEncoderStrategy, UpdateMask
@@ -62,7 +61,9 @@ class PackNetStrategy(SharedEncoderStrategy):
 
     def _train_only(self, owner: int) -> None:
         """Let the optimizer update only the weights whose owner is `owner` (FREE: the unowned ones)."""
-        self.update_mask.set({weight: (self._owner(name, weight) == owner).float() for name, weight in self.weights.items()})
+        self.update_mask.set(
+            {weight: (self._owner(name, weight) == owner).float() for name, weight in self.weights.items()}
+        )
 
     def _owner(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         self.owner[name] = self.owner[name].to(weight.device)

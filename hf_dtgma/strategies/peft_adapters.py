@@ -92,7 +92,9 @@ class LoRAStrategy(PeftStrategy):
     config_class: ClassVar[type] = LoRAStrategyConfig
 
     def peft_config(self) -> PeftConfig:
-        return LoraConfig(r=self.config.rank, lora_alpha=self.config.lora_alpha, target_modules=list(self.config.target_modules))
+        return LoraConfig(
+            r=self.config.rank, lora_alpha=self.config.lora_alpha, target_modules=list(self.config.target_modules)
+        )
 
 
 @dataclass

@@ -59,7 +59,9 @@ class QuadraticPenaltyStrategy(SharedEncoderStrategy):
                 total = total + (self.importance[name] * (param - self.anchor[name]) ** 2).sum()
         return total
 
-    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], index: int, progress: float
+    ) -> torch.Tensor:
         loss = self.task_loss(batch, index, model)
         return loss + self.config.penalty / 2 * self.penalty() if self.importance else loss
 
@@ -74,7 +76,9 @@ class QuadraticPenaltyStrategy(SharedEncoderStrategy):
     def end_task(self, index: int, tasks: list, retrain: Retrain) -> None:
         new = self.task_importance(tasks[index].train, index)
         for name, value in new.items():
-            self.importance[name] = self.config.decay * self.importance[name] + value if name in self.importance else value
+            self.importance[name] = (
+                self.config.decay * self.importance[name] + value if name in self.importance else value
+            )
         self.anchor = {name: param.detach().clone() for name, param in self.network.encoder_parameters()}
 
     @torch.no_grad()

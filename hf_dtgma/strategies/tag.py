@@ -69,7 +69,9 @@ class TAGOptimizer(torch.optim.Optimizer):
         if variant not in ("adam", "rmsprop"):
             raise ValueError(f"TAG variant must be 'adam' or 'rmsprop', not {variant!r}.")
         if lr < 0 or eps < 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1:
-            raise ValueError(f"Invalid TAG settings: lr={lr}, eps={eps}, betas={betas} (need lr, eps >= 0, 0 <= beta < 1).")
+            raise ValueError(
+                f"Invalid TAG settings: lr={lr}, eps={eps}, betas={betas} (need lr, eps >= 0, 0 <= beta < 1)."
+            )
         super().__init__(params, dict(lr=lr, b=b, betas=betas, eps=eps, weight_decay=weight_decay, variant=variant))
         self.memory: dict[nn.Parameter, dict[str, torch.Tensor]] = memory if memory is not None else {}
 

@@ -61,13 +61,23 @@ def add_training_arguments(
 ) -> argparse._ArgumentGroup:
     """The continual-training flags (`--epochs`, `--lr`, `--output-dir`, `--resume`, ...), with per-script defaults."""
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=at_least(1), default=epochs, help="most epochs per task (early stopping ends sooner)")
-    training.add_argument("--patience", type=at_least(1), default=patience, help="epochs without a better validation accuracy")
-    training.add_argument("--batch-size", type=at_least(1), default=batch_size, help="global batch size (all processes together)")
     training.add_argument(
-        "--eval-batch-size", type=at_least(1), default=256, help="evaluation batch size (changes memory use, not results)"
+        "--epochs", type=at_least(1), default=epochs, help="most epochs per task (early stopping ends sooner)"
     )
-    training.add_argument("--lr", type=at_least(0.0, float, exclusive=True), default=lr, help="peak AdamW learning rate (chosen on validation)")
+    training.add_argument(
+        "--patience", type=at_least(1), default=patience, help="epochs without a better validation accuracy"
+    )
+    training.add_argument(
+        "--batch-size", type=at_least(1), default=batch_size, help="global batch size (all processes together)"
+    )
+    training.add_argument(
+        "--eval-batch-size", type=at_least(1), default=256,
+        help="evaluation batch size (changes memory use, not results)",
+    )
+    training.add_argument(
+        "--lr", type=at_least(0.0, float, exclusive=True), default=lr,
+        help="peak AdamW learning rate (chosen on validation)",
+    )
     training.add_argument("--weight-decay", type=at_least(0.0, float), default=0.01)
     training.add_argument(
         "--label-smoothing", type=float, default=None,

@@ -22,7 +22,9 @@ def _check(matrix: AccuracyMatrix) -> None:
         raise ValueError("The accuracy matrix is empty: train at least one task.")
     for i, row in enumerate(matrix):
         if len(row) != i + 1:
-            raise ValueError(f"Row {i} of the accuracy matrix must hold {i + 1} accuracies (tasks 0..{i}), got {len(row)}.")
+            raise ValueError(
+                f"Row {i} of the accuracy matrix must hold {i + 1} accuracies (tasks 0..{i}), got {len(row)}."
+            )
 
 
 def average_accuracy(matrix: AccuracyMatrix) -> float:

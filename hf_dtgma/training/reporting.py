@@ -23,7 +23,11 @@ def results_markdown(results: dict) -> str:
         f"# {results.get('benchmark', 'run')}: DTG-MA continual learning",
         "",
         f"Backbone: `{results.get('backbone', {}).get('name', 'features given')}`"
-        + (f" (fallback: {results['backbone']['fallback_reason']})" if results.get("backbone", {}).get("fallback_reason") else ""),
+        + (
+            f" (fallback: {results['backbone']['fallback_reason']})"
+            if results.get("backbone", {}).get("fallback_reason")
+            else ""
+        ),
         f"Seed {results.get('seed')}, {results.get('num_processes', 1)} process(es), "
         f"{results.get('seconds_total', 0):.0f} s in total.",
         "",
@@ -36,7 +40,8 @@ def results_markdown(results: dict) -> str:
         f"| parameters per task | {min(results['parameters']['per_task'].values()):,}"
         f"–{max(results['parameters']['per_task'].values()):,} |",
         "",
-        f"Accuracy matrix (%, row i: after training task i; column j: {results.get('config', {}).get('evaluate_on', 'test')} "
+        "Accuracy matrix (%, row i: after training task i; "
+        f"column j: {results.get('config', {}).get('evaluate_on', 'test')} "
         "accuracy on task j):",
         "",
         "| after ↓ / on → | " + " | ".join(names) + " |",
@@ -60,10 +65,17 @@ def routing_markdown(results: dict) -> list[str]:
     ]
     splits = [split for split in ("validation", "test") if split in routing]
     if splits:
-        lines += ["", "| router | " + " | ".join(f"task identified ({s}) | class-incremental ({s})" for s in splits) + " |",
-                  "|---|" + "---:|---:|" * len(splits)]
+        lines += [
+            "",
+            "| router | " + " | ".join(f"task identified ({s}) | class-incremental ({s})" for s in splits) + " |",
+            "|---|" + "---:|---:|" * len(splits),
+        ]
         for router in routing[splits[0]]:
-            cells = [f"{_percent(routing[s][router]['task_accuracy'])}% | {_percent(routing[s][router]['class_il_accuracy'])}%" for s in splits]
+            cells = [
+                f"{_percent(routing[s][router]['task_accuracy'])}% | "
+                f"{_percent(routing[s][router]['class_il_accuracy'])}%"
+                for s in splits
+            ]
             lines.append(f"| {router} | " + " | ".join(cells) + " |")
     if "out_of_scope" in routing:
         oos, threshold = routing["out_of_scope"], routing["reject_threshold"]
@@ -89,7 +101,10 @@ def plot_accuracy_matrix(matrix: list[list[float]], names: list[str], path: Path
     image = axis.imshow(grid, vmin=0, vmax=100, cmap="viridis")
     for i in range(len(matrix)):
         for j in range(len(matrix[i])):
-            axis.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color="white" if grid[i, j] < 60 else "black", fontsize=8)
+            axis.text(
+                j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color="white" if grid[i, j] < 60 else "black",
+                fontsize=8,
+            )
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axis.set_yticks(range(len(names)), names)
     axis.set_xlabel("evaluated on task")
@@ -112,7 +127,9 @@ def write_run_outputs(model: DTGMAModel, results: dict, output_dir: str | os.Pat
     write_json_atomic(output_dir / "results.json", results)
     write_text_atomic(output_dir / "results.md", results_markdown(results))
     names = list(results["task_il"]["per_task"])
-    plot_accuracy_matrix(results["task_il"]["accuracy_matrix"], names, output_dir / "accuracy_matrix.png", results.get("benchmark", ""))
+    plot_accuracy_matrix(
+        results["task_il"]["accuracy_matrix"], names, output_dir / "accuracy_matrix.png", results.get("benchmark", "")
+    )
     model.save_pretrained(output_dir / "model")
     write_text_atomic(output_dir / "model" / "README.md", str(render_model_card(model, results)))
     for stale in (output_dir / "adapters").glob("*/adapter_config.json"):  # an earlier run's task, not this model's

@@ -212,7 +212,8 @@ def check_tasks(tasks: list[ContinualTask]) -> None:
                     f"{where}: needs a `label` column and `features` (compute them with "
                     f"hf_dtgma.features.cache_task_features) or `pixel_values`; its columns are {data.column_names}."
                 )
-            values = np.asarray(data.with_format("numpy", columns=["label"])[:]["label"])  # [:]: one read, not row by row
+            # [:]: one read, not row by row
+            values = np.asarray(data.with_format("numpy", columns=["label"])[:]["label"])
             outside = sorted(set(values[(values < 0) | (values >= len(labels))].tolist()))
             if outside:
                 raise ValueError(
@@ -266,7 +267,8 @@ class ContinualTrainer:
         self.strategy = model if isinstance(model, ContinualStrategy) else DTGMAStrategy(model)
         self.config = config
         self.accelerator = accelerator or make_accelerator(
-            cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with, project_dir=config.output_dir
+            cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with,
+            project_dir=config.output_dir,
         )
         if self.accelerator.num_processes > 1 and not self.strategy.supports_distributed:
             raise ValueError(
@@ -299,8 +301,9 @@ class ContinualTrainer:
         if not resume and self._holds_a_run():
             if not self.config.overwrite_output_dir:
                 raise ValueError(
-                    f"{self.output_dir} holds another run. Continue it with --resume (`fit(resume=True)`), start it over "
-                    "with --overwrite-output-dir (`overwrite_output_dir=True`), or pick a new --output-dir."
+                    f"{self.output_dir} holds another run. Continue it with --resume (`fit(resume=True)`), "
+                    "start it over with --overwrite-output-dir (`overwrite_output_dir=True`), "
+                    "or pick a new --output-dir."
                 )
             self._discard_previous_run()
         state = self._resume(tasks) if resume else _RunState()
@@ -312,7 +315,8 @@ class ContinualTrainer:
         if self.config.log_with:
             accelerator.init_trackers("hf_dtgma", config=asdict(self.config))
         progress = tqdm(
-            total=len(tasks), initial=len(state.finished_tasks), desc="tasks", disable=not accelerator.is_local_main_process
+            total=len(tasks), initial=len(state.finished_tasks), desc="tasks",
+            disable=not accelerator.is_local_main_process,
         )
         for index in range(len(state.finished_tasks), len(tasks)):
             task = tasks[index]
@@ -377,7 +381,9 @@ class ContinualTrainer:
         )
         steps = num_epochs * math.ceil(len(train_data) / config.batch_size)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
-        wrapped, optimizer, train_loader, scheduler = accelerator.prepare(strategy.module, optimizer, train_loader, scheduler)
+        wrapped, optimizer, train_loader, scheduler = accelerator.prepare(
+            strategy.module, optimizer, train_loader, scheduler
+        )
 
         best, best_state, stale, epochs = (-1.0, float("-inf")), None, 0, 0
         epoch_bar = tqdm(range(num_epochs), desc=task.name, leave=False, disable=not accelerator.is_local_main_process)
@@ -411,7 +417,11 @@ class ContinualTrainer:
             epoch_bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{accuracy:.4f}")
             if config.log_with:
                 accelerator.log(
-                    {f"{task.name}/train_loss": train_loss, f"{task.name}/val_accuracy": accuracy, f"{task.name}/val_loss": val_loss},
+                    {
+                        f"{task.name}/train_loss": train_loss,
+                        f"{task.name}/val_accuracy": accuracy,
+                        f"{task.name}/val_loss": val_loss,
+                    },
                     step=epoch,
                 )
             # Best = highest validation accuracy; on a small validation split many epochs tie, and the lower
@@ -482,7 +492,9 @@ class ContinualTrainer:
                 with accelerator.autocast():
                     logits = self.strategy.logits(model_inputs(batch), task_index)
                 losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-                predictions, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
+                predictions, labels, losses = accelerator.gather_for_metrics(
+                    (logits.argmax(-1), batch["labels"], losses)
+                )
                 correct += (predictions == labels).sum().item()
                 loss += losses.sum().item()
                 total += labels.numel()
@@ -581,7 +593,9 @@ class ContinualTrainer:
         corrupted checkpoint is a `ValueError` (nothing on disk changes)."""
         checkpoint = self._latest_checkpoint()
         if checkpoint is None:
-            warnings.warn(f"Nothing to resume in {self.output_dir} (no {CHECKPOINT_POINTER}): starting from the first task.")
+            warnings.warn(
+                f"Nothing to resume in {self.output_dir} (no {CHECKPOINT_POINTER}): starting from the first task."
+            )
             return _RunState()
         try:
             state = _RunState(**read_json(checkpoint / STATE_NAME, _DAMAGED_CHECKPOINT))

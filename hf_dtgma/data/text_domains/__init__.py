@@ -54,7 +54,10 @@ def _load_task(name: str) -> ContinualTask:
     for label, label_name in enumerate(spec["labels"]):
         sentences = list(spec["examples"][label_name])
         if len(sentences) < sum(SPLIT_SIZES.values()):
-            raise ValueError(f"{name}.json has {len(sentences)} {label_name!r} sentences; the splits need {sum(SPLIT_SIZES.values())}.")
+            raise ValueError(
+                f"{name}.json has {len(sentences)} {label_name!r} sentences; "
+                f"the splits need {sum(SPLIT_SIZES.values())}."
+            )
         random.Random(f"{SPLIT_SEED}-{name}-{label_name}").shuffle(sentences)
         start = 0
         for split, size in SPLIT_SIZES.items():
