@@ -39,11 +39,23 @@ from hf_dtgma.training.cli import (
 # Omniglot has 240 training drawings per task: it needs many short epochs and shifted copies.
 BENCHMARK_DEFAULTS = {
     "split_mnist": dict(epochs=60, patience=10, batch_size=64, max_shift=1),
-    "permuted_mnist": dict(epochs=10, patience=3, batch_size=64, max_shift=0),
+    "permuted_mnist": dict(epochs=10, patience=3, batch_size=64),
     "split_fashion_mnist": dict(epochs=20, patience=3, batch_size=64, max_shift=0),
     "split_cifar100": dict(epochs=30, patience=5, batch_size=64, max_shift=2),
     "omniglot": dict(epochs=300, patience=40, batch_size=32, max_shift=2),
 }
+# Data flags that only some loaders read: omniglot carves its splits by drawer, and a shift would move pixels across
+# permuted MNIST's permutation. Given to a benchmark that does not read it, a flag is an error, not silently ignored.
+NOT_OMNIGLOT = tuple(name for name in VISION_BENCHMARKS if name != "omniglot")
+READ_BY = {
+    "validation_fraction": NOT_OMNIGLOT,
+    "train_per_task": NOT_OMNIGLOT,
+    "max_shift": tuple(name for name in VISION_BENCHMARKS if name != "permuted_mnist"),
+    "image_size": ("omniglot",),
+    "classes_per_task": ("omniglot",),
+    "omniglot_tasks": ("omniglot",),
+}
+DATA_DEFAULTS = dict(validation_fraction=0.1, image_size=28, classes_per_task=20, omniglot_tasks="characters")
 
 
 def load_benchmark(args: argparse.Namespace) -> list[ContinualTask]:
@@ -85,20 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-tasks", type=int, default=None, help="train only the first N tasks (omniglot: 10 unless given)"
     )
     data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
-    data.add_argument("--validation-fraction", type=float, default=0.1, help="share of each class of train held out")
-    data.add_argument("--train-per-task", type=at_least(1), default=None, help="subsample each training set")
+    data.add_argument(
+        "--validation-fraction", type=float, default=None,
+        help="share of each class of train held out (default 0.1; not omniglot, which splits by drawer)",
+    )
+    data.add_argument(
+        "--train-per-task", type=at_least(1), default=None, help="subsample each training set (not omniglot)"
+    )
     data.add_argument(
         "--max-shift", type=at_least(0), default=None,
         help="training augmentation: random shifts up to N pixels "
-        "(default: 2 for omniglot and split_cifar100, 1 for split_mnist, else 0)",
+        "(default: 2 for omniglot and split_cifar100, 1 for split_mnist, else 0; not permuted_mnist)",
     )
     data.add_argument(
-        "--image-size", type=at_least(1), default=28, help="omniglot: side the 105x105 drawings are resized to"
+        "--image-size", type=at_least(1), default=None,
+        help="omniglot: side the 105x105 drawings are resized to (default 28)",
     )
-    data.add_argument("--classes-per-task", type=at_least(2), default=20, help="omniglot: characters per task")
     data.add_argument(
-        "--omniglot-tasks", choices=["characters", "alphabets"], default="characters",
-        help="omniglot: groups of --classes-per-task characters, or one task per alphabet",
+        "--classes-per-task", type=at_least(2), default=None, help="omniglot: characters per task (default 20)"
+    )
+    data.add_argument(
+        "--omniglot-tasks", choices=["characters", "alphabets"], default=None,
+        help="omniglot: groups of --classes-per-task characters (default), or one task per alphabet",
     )
     patches = parser.add_argument_group("patch embedder")
     patches.add_argument("--patch-size", type=int, default=7, help="side of the square patches")
@@ -114,8 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def complete_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left unset from `BENCHMARK_DEFAULTS` and the default output folder."""
-    for name, value in BENCHMARK_DEFAULTS[args.benchmark].items():
+    """Fill the flags left unset from `BENCHMARK_DEFAULTS`, `DATA_DEFAULTS` and the default output folder.
+    Raises `ValueError` for a data flag that `--benchmark` does not read."""
+    for name, readers in READ_BY.items():
+        if args.benchmark not in readers and getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{args.benchmark} does not read {flag} (only {', '.join(readers)} do): drop the flag.")
+    read = {name: value for name, value in DATA_DEFAULTS.items() if args.benchmark in READ_BY[name]}
+    for name, value in {**read, **BENCHMARK_DEFAULTS[args.benchmark]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.output_dir is None:

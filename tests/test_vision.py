@@ -345,3 +345,31 @@ def test_vision_flags_out_of_range_stop_before_any_work(flag, value, message, ca
     with pytest.raises(SystemExit):
         build_parser().parse_args([flag, value])
     assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, flags",
+    [("permuted_mnist", ["--max-shift", "1"]), ("omniglot", ["--validation-fraction", "0.2"]),
+     ("omniglot", ["--train-per-task", "100"]), ("split_fashion_mnist", ["--image-size", "32"]),
+     ("split_mnist", ["--classes-per-task", "5"]), ("split_cifar100", ["--omniglot-tasks", "alphabets"])],
+)
+def test_a_data_flag_the_benchmark_does_not_read_is_an_error(name, flags):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from vision_splits import build_parser, complete_args
+
+    with pytest.raises(ValueError, match=f"{name} does not read {flags[0]} \\(only .*\\): drop the flag"):
+        complete_args(build_parser().parse_args(["--benchmark", name, *flags]))
+
+
+def test_data_flags_get_their_defaults_only_where_they_are_read():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from vision_splits import build_parser, complete_args
+
+    omniglot = complete_args(build_parser().parse_args(["--benchmark", "omniglot"]))
+    assert (omniglot.image_size, omniglot.classes_per_task, omniglot.omniglot_tasks) == (28, 20, "characters")
+    assert omniglot.validation_fraction is None and omniglot.max_shift == 2
+    permuted = build_parser().parse_args(["--benchmark", "permuted_mnist", "--validation-fraction", "0.2"])
+    permuted = complete_args(permuted)
+    assert permuted.validation_fraction == 0.2 and permuted.max_shift is None and permuted.image_size is None
+    mnist = complete_args(build_parser().parse_args(["--benchmark", "split_mnist"]))
+    assert (mnist.validation_fraction, mnist.max_shift, mnist.epochs) == (0.1, 1, 60)
