@@ -34,6 +34,7 @@ from hf_dtgma.training.cli import (
     add_model_arguments,
     add_training_arguments,
     at_least,
+    complete_data_flags,
     finish_run,
     make_run_accelerator,
     model_config,
@@ -46,6 +47,17 @@ BENCHMARKS = ("text_domains", "clinc150", "cl_benchmark", "custom")
 # that also read the mean of the input tokens, trained with label smoothing 0.1.
 GENERAL_DEFAULTS = dict(layer=-3, head_input="task_tokens", label_smoothing=0.0)
 BENCHMARK_DEFAULTS = {"clinc150": dict(layer=[-1, -3], head_input="task_tokens+inputs", label_smoothing=0.1)}
+# Data flags that only some loaders read: given to another benchmark, a flag is an error, not silently ignored.
+READ_BY = {
+    "order": ("cl_benchmark",),
+    "train_per_task": ("cl_benchmark",),
+    "test_per_task": ("cl_benchmark",),
+    "split_seed": ("cl_benchmark", "custom"),
+    "text_column": ("custom",),
+    "label_column": ("custom",),
+    "task_column": ("custom",),
+}
+DATA_DEFAULTS = dict(order="1", split_seed=0, text_column="text", label_column="label", task_column="task")
 
 
 def load_benchmark(args: argparse.Namespace) -> list[ContinualTask]:
@@ -80,18 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="local copy of clinc150 (data_full.json) or cl_benchmark (agnews/, amazon/, ...); default: the Hub",
     )
     data.add_argument("--num-tasks", type=int, default=None, help="train only the first N tasks")
-    data.add_argument("--order", choices=sorted(CL_BENCHMARK_ORDERS), default="1", help="cl_benchmark task order")
+    data.add_argument(
+        "--order", choices=sorted(CL_BENCHMARK_ORDERS), default=None, help="cl_benchmark: task order (default 1)"
+    )
     data.add_argument("--train-per-task", type=int, default=None, help="cl_benchmark: subsample each training set")
     data.add_argument("--test-per-task", type=int, default=None, help="cl_benchmark: subsample each test set")
-    data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
+    data.add_argument(
+        "--split-seed", type=int, default=None,
+        help="cl_benchmark, custom: seed of the splits the loader carves (default 0; not the run's --seed)",
+    )
     data.add_argument(
         "--data-files", nargs="+", default=None, help="custom: CSV/TSV/JSON/JSONL/Parquet files or a folder"
     )
     data.add_argument("--dataset", default=None, help="custom: a Hub data set id instead of --data-files")
-    data.add_argument("--text-column", default="text", help="custom: column with the text")
-    data.add_argument("--label-column", default="label", help="custom: column with the label")
+    data.add_argument("--text-column", default=None, help="custom: column with the text (default text)")
+    data.add_argument("--label-column", default=None, help="custom: column with the label (default label)")
     data.add_argument(
-        "--task-column", default="task", help="custom: column with the task name ('none': one file per task)"
+        "--task-column", default=None,
+        help="custom: column with the task name (default task; 'none': one file per task)",
     )
     backbone = parser.add_argument_group("backbone")
     backbone.add_argument("--backbone", default=None, help=f"Hub id or local path (default: {DEFAULT_TEXT_BACKBONE})")
@@ -111,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def complete_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on other flags (`BENCHMARK_DEFAULTS`, the output folder)."""
+    """Fill the defaults that depend on other flags (`BENCHMARK_DEFAULTS`, `DATA_DEFAULTS`, the output folder).
+    Raises `ValueError` for a data flag that `--benchmark` does not read (`READ_BY`)."""
+    complete_data_flags(args, READ_BY, DATA_DEFAULTS)
     for name, value in {**GENERAL_DEFAULTS, **BENCHMARK_DEFAULTS.get(args.benchmark, {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -29,6 +29,7 @@ from hf_dtgma.training.cli import (
     add_model_arguments,
     add_training_arguments,
     at_least,
+    complete_data_flags,
     finish_run,
     make_run_accelerator,
     model_config,
@@ -39,7 +40,7 @@ from hf_dtgma.training.cli import (
 # Omniglot has 240 training drawings per task: it needs many short epochs and shifted copies.
 BENCHMARK_DEFAULTS = {
     "split_mnist": dict(epochs=60, patience=10, batch_size=64, max_shift=1),
-    "permuted_mnist": dict(epochs=10, patience=3, batch_size=64),
+    "permuted_mnist": dict(epochs=10, patience=3, batch_size=64, max_shift=0),
     "split_fashion_mnist": dict(epochs=20, patience=3, batch_size=64, max_shift=0),
     "split_cifar100": dict(epochs=30, patience=5, batch_size=64, max_shift=2),
     "omniglot": dict(epochs=300, patience=40, batch_size=32, max_shift=2),
@@ -135,13 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def complete_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left unset from `BENCHMARK_DEFAULTS`, `DATA_DEFAULTS` and the default output folder.
-    Raises `ValueError` for a data flag that `--benchmark` does not read."""
-    for name, readers in READ_BY.items():
-        if args.benchmark not in readers and getattr(args, name) is not None:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{args.benchmark} does not read {flag} (only {', '.join(readers)} do): drop the flag.")
-    read = {name: value for name, value in DATA_DEFAULTS.items() if args.benchmark in READ_BY[name]}
-    for name, value in {**read, **BENCHMARK_DEFAULTS[args.benchmark]}.items():
+    Raises `ValueError` for a data flag that `--benchmark` does not read (`READ_BY`)."""
+    complete_data_flags(args, READ_BY, DATA_DEFAULTS)
+    for name, value in BENCHMARK_DEFAULTS[args.benchmark].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.output_dir is None:

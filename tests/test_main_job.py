@@ -96,6 +96,31 @@ def test_benchmark_defaults_fill_only_the_flags_left_unset():
 
 
 @pytest.mark.parametrize(
+    "name, flags",
+    [("clinc150", ["--order", "2"]), ("text_domains", ["--train-per-task", "100"]),
+     ("clinc150", ["--test-per-task", "100"]), ("clinc150", ["--split-seed", "3"]),
+     ("cl_benchmark", ["--text-column", "sentence"]), ("text_domains", ["--task-column", "none"])],
+)
+def test_a_data_flag_the_benchmark_does_not_read_is_an_error(name, flags):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from text_domains import build_parser, complete_args
+
+    with pytest.raises(ValueError, match=f"{name} does not read {flags[0]} \\(only .*\\): drop the flag"):
+        complete_args(build_parser().parse_args(["--benchmark", name, *flags]))
+
+
+def test_data_flags_left_unset_get_their_defaults():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from text_domains import build_parser, complete_args
+
+    custom = complete_args(build_parser().parse_args(["--benchmark", "custom", "--task-column", "none"]))
+    columns = (custom.text_column, custom.label_column, custom.task_column)
+    assert columns == ("text", "label", None) and custom.split_seed == 0
+    ordered = complete_args(build_parser().parse_args(["--benchmark", "cl_benchmark", "--split-seed", "2"]))
+    assert (ordered.order, ordered.split_seed, ordered.output_dir) == ("1", 2, "outputs/cl_benchmark_order1")
+
+
+@pytest.mark.parametrize(
     "flag, value, message",
     [("--epochs", "0", "must be at least 1, got 0"), ("--batch-size", "-2", "must be at least 1, got -2"),
      ("--lr", "0", "must be above 0"), ("--weight-decay", "-1", "must be at least 0.0, got -1"),

@@ -361,15 +361,15 @@ def test_a_data_flag_the_benchmark_does_not_read_is_an_error(name, flags):
         complete_args(build_parser().parse_args(["--benchmark", name, *flags]))
 
 
-def test_data_flags_get_their_defaults_only_where_they_are_read():
+def test_data_flags_left_unset_get_their_defaults():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from vision_splits import build_parser, complete_args
 
-    omniglot = complete_args(build_parser().parse_args(["--benchmark", "omniglot"]))
-    assert (omniglot.image_size, omniglot.classes_per_task, omniglot.omniglot_tasks) == (28, 20, "characters")
-    assert omniglot.validation_fraction is None and omniglot.max_shift == 2
+    omniglot = complete_args(build_parser().parse_args(["--benchmark", "omniglot", "--image-size", "32"]))
+    assert (omniglot.image_size, omniglot.classes_per_task, omniglot.omniglot_tasks) == (32, 20, "characters")
+    assert omniglot.max_shift == 2
     permuted = build_parser().parse_args(["--benchmark", "permuted_mnist", "--validation-fraction", "0.2"])
     permuted = complete_args(permuted)
-    assert permuted.validation_fraction == 0.2 and permuted.max_shift is None and permuted.image_size is None
+    assert (permuted.validation_fraction, permuted.max_shift, permuted.epochs) == (0.2, 0, 10)
     mnist = complete_args(build_parser().parse_args(["--benchmark", "split_mnist"]))
     assert (mnist.validation_fraction, mnist.max_shift, mnist.epochs) == (0.1, 1, 60)

@@ -35,6 +35,28 @@ def at_least(bound: float, kind: type = int, exclusive: bool = False) -> Callabl
     return parse
 
 
+def complete_data_flags(
+    args: argparse.Namespace, read_by: dict[str, tuple[str, ...]], defaults: dict[str, Any]
+) -> argparse.Namespace:
+    """Refuse a data flag given to a `--benchmark` whose loader does not read it, then fill the ones left unset.
+
+    Args:
+        args: the parsed flags; the flags named in `read_by` default to None in the parser, so a value means given.
+        read_by: flag attribute (`"max_shift"`) → the benchmarks that read it.
+        defaults: the values of those left unset, filled whatever the benchmark (the recorded settings stay the same).
+    Raises:
+        ValueError: naming the flag, the benchmarks that read it, and the fix (drop it), instead of ignoring it.
+    """
+    for name, readers in read_by.items():
+        if args.benchmark not in readers and getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{args.benchmark} does not read {flag} (only {', '.join(readers)} do): drop the flag.")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, hidden_size: int = 256) -> argparse._ArgumentGroup:
     """The DTG-MA layer flags (`--hidden-size`, `--num-layers`, ...)."""
     model = parser.add_argument_group("model")
