@@ -40,6 +40,7 @@ from vision_splits import build_parser as vision_parser
 from vision_splits import complete_args as complete_vision_args
 from vision_splits import load_benchmark as load_images
 
+from hf_dtgma import DTGMAConfig
 from hf_dtgma.data.vision import VISION_BENCHMARKS
 from hf_dtgma.files import write_json_atomic, write_text_atomic
 from hf_dtgma.modeling_dtgma import atomic_path
@@ -165,24 +166,23 @@ def variants(args, method: str) -> list[tuple[str, dict]]:
     ]
 
 
-def run_settings(args, run_args, method: str, seed: int, hyperparameters: dict) -> dict:
-    """What determines a run's result: a cached run is reused only when these match."""
-    training = {
-        name: getattr(run_args, name)
-        for name in ("epochs", "patience", "batch_size", "lr", "weight_decay", "label_smoothing", "evaluate_on")
-    }
-    model = {
-        name: getattr(run_args, name)
-        for name in ("hidden_size", "num_layers", "num_heads", "task_rank", "num_task_tokens", "head_input", "router")
-    }
-    data = {
-        name: getattr(run_args, name, None)
-        for name in ("data_dir", "num_tasks", "split_seed", "order", "train_per_task", "layer")
-    }
-    return {
-        "benchmark": args.benchmark, "method": method, "seed": seed, "training": training, "model": model, "data": data,
+# The run flags that leave a result unchanged: where a run writes and how it restarts, batch sizes that change memory
+# only, logging and the feature cache's folder. A run's seed is its own entry.
+OUTCOME_NEUTRAL_FLAGS = (
+    "output_dir", "resume", "overwrite_output_dir", "eval_batch_size", "feature_batch_size", "cache_dir", "log_with",
+    "seed",
+)
+
+
+def run_settings(args, run_args, config: DTGMAConfig, method: str, seed: int, hyperparameters: dict) -> dict:
+    """What determines a run's result: a finished run is reused only when these match. That is every flag of the run
+    but `OUTCOME_NEUTRAL_FLAGS`, and the backbone actually used (`config.backbone`: the embedded encoder where the
+    default could not be loaded). Returned as it reads back from JSON, so that it compares equal to a saved copy."""
+    flags = {name: value for name, value in sorted(vars(run_args).items()) if name not in OUTCOME_NEUTRAL_FLAGS}
+    return json.loads(json.dumps({
+        "benchmark": args.benchmark, "method": method, "seed": seed, "flags": flags, "backbone": config.backbone,
         "hyperparameters": hyperparameters, "class_incremental": True,  # runs from before class-IL evaluation rerun
-    }
+    }))
 
 
 def run_one(
@@ -191,7 +191,7 @@ def run_one(
     """One method setting, one seed: reuse its results.json when the settings match, else train and write it (with
     --existing-only: None)."""
     folder = args.output_dir / label.replace(" ", "_").replace(",", "").replace("=", "-") / f"seed_{seed}"
-    settings = run_settings(args, run_args, method, seed, hyperparameters)
+    settings = run_settings(args, run_args, config, method, seed, hyperparameters)
     existing = folder / "results.json"
     if existing.is_file():
         results = json.loads(existing.read_text())

@@ -35,7 +35,7 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
         assert row["average_accuracy"]["mean"] == np.mean(accuracies)
         assert row["average_accuracy"]["std"] == np.std(accuracies, ddof=1)
         assert len(row["first_task_accuracy"]) == 2
-        assert runs[0]["settings"]["training"]["epochs"] == 2
+        assert runs[0]["settings"]["flags"]["epochs"] == 2
         class_il = [run["class_il"]["average_accuracy"] for run in runs]
         assert row["class_il_accuracy"]["mean"] == np.mean(class_il)
         assert all(c <= t for c, t in zip(class_il, accuracies))  # no task id can only cost accuracy
@@ -53,6 +53,13 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert changed.returncode == 0 and "reusing" not in changed.stdout  # another penalty is another run
+    # Any flag that changes a result makes another run, the augmentation and the patch embedder included.
+    for flags in (["--max-shift", "1"], ["--patch-embedder", "shared"], ["--validation-fraction", "0.2"]):
+        other = subprocess.run(
+            command[:-1] + ["--cpu", "--methods", "finetune", "--seeds", "0", "--existing-only", *flags],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert other.returncode != 0 and "finetune seed 0: no run with these settings" in other.stdout, flags
 
     tabulated = subprocess.run(
         command[:-1] + ["--cpu", "--methods", "finetune,lwf,dtgma", "--seeds", "0,1,2", "--existing-only"],
