@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 TASK_PARAM_MODES = ("lowrank", "full")
 SHARED_TRAINING_MODES = ("first_task", "never")
@@ -52,9 +53,9 @@ class DTGMAConfig(PreTrainedConfig):
         hidden_size (`int`, defaults to 256):
             Width of the DTG-MA layers.
         num_layers (`int`, defaults to 2):
-            Number of masked-attention layers.
+            Number of masked-attention layers (`num_hidden_layers` is accepted too, as in transformers).
         num_heads (`int`, defaults to 4):
-            Attention heads per layer; must divide `hidden_size`.
+            Attention heads per layer; must divide `hidden_size` (`num_attention_heads` is accepted too).
         intermediate_size (`int`, *optional*):
             Width of the feed-forward block; `4 * hidden_size` when not given.
         num_task_tokens (`int`, defaults to 1):
@@ -78,11 +79,11 @@ class DTGMAConfig(PreTrainedConfig):
             domains `"never"` measured 95.0% average validation accuracy against 89.8% (the first task's fit
             hurts every later task; `scripts/measure_shared_training.py`).
         hidden_dropout (`float`, defaults to 0.1):
-            Dropout on the residual branches.
+            Dropout on the residual branches (`hidden_dropout_prob` is accepted too).
         attention_dropout (`float`, defaults to 0.0):
-            Dropout on the attention weights.
+            Dropout on the attention weights (`attention_probs_dropout_prob` is accepted too).
         hidden_act (`str`, defaults to `"gelu"`):
-            Activation of the feed-forward block.
+            Activation of the feed-forward block, a name of `transformers.activations.ACT2FN`.
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the layer norms.
         initializer_range (`float`, defaults to 0.02):
@@ -135,6 +136,13 @@ class DTGMAConfig(PreTrainedConfig):
     """
 
     model_type = "dtgma"
+    # The usual transformers names of four fields: accepted by `__init__` and readable / writable on the config.
+    attribute_map = {
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "hidden_dropout_prob": "hidden_dropout",
+        "attention_probs_dropout_prob": "attention_dropout",
+    }
 
     def __init__(
         self,
@@ -177,6 +185,10 @@ class DTGMAConfig(PreTrainedConfig):
                 f"{CONFIG_FORMAT_VERSION} only{fix} the model with the code saved next to it: "
                 "AutoModel.from_pretrained(path, trust_remote_code=True)."
             )
+        num_layers = kwargs.pop("num_hidden_layers", num_layers)
+        num_heads = kwargs.pop("num_attention_heads", num_heads)
+        hidden_dropout = kwargs.pop("hidden_dropout_prob", hidden_dropout)
+        attention_dropout = kwargs.pop("attention_probs_dropout_prob", attention_dropout)
         for name, value in (
             ("input_dim", input_dim),
             ("hidden_size", hidden_size),
@@ -188,6 +200,7 @@ class DTGMAConfig(PreTrainedConfig):
             ("patch_size", patch_size),
             ("num_channels", num_channels),
             *((("image_size", image_size),) if image_size is not None else ()),
+            *((("intermediate_size", intermediate_size),) if intermediate_size is not None else ()),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DTGMAConfig: `{name}` must be a positive integer, got {value!r}.")
@@ -199,6 +212,11 @@ class DTGMAConfig(PreTrainedConfig):
         for name, value in (("hidden_dropout", hidden_dropout), ("attention_dropout", attention_dropout)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"DTGMAConfig: `{name}` is a probability in [0, 1), got {value!r} (0.1 is usual).")
+        if hidden_act not in ACT2FN:
+            raise ValueError(
+                f"DTGMAConfig: `hidden_act` must be an activation of transformers.activations.ACT2FN (e.g. 'gelu', "
+                f"'relu', 'silu'), got {hidden_act!r}."
+            )
         if task_param_mode not in TASK_PARAM_MODES:
             raise ValueError(
                 f"DTGMAConfig: `task_param_mode` must be one of {TASK_PARAM_MODES}, got {task_param_mode!r}."

@@ -95,8 +95,24 @@ def test_a_model_without_tasks_says_what_to_do():
         (dict(task_param_mode="huge"), "task_param_mode"),
         (dict(shared_training="sometimes"), "shared_training"),
         (dict(num_layers=0), "num_layers"),
+        (dict(num_hidden_layers=0), "num_layers"),
+        (dict(intermediate_size=-4), "`intermediate_size` must be a positive integer, got -4"),
+        (dict(hidden_act="GELU"), "`hidden_act` must be an activation of transformers.activations.ACT2FN"),
     ],
 )
 def test_bad_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DTGMAConfig(**kwargs)
+
+
+def test_config_takes_the_usual_transformers_names(tmp_path):
+    config = DTGMAConfig(
+        input_dim=INPUT_DIM, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, hidden_dropout_prob=0.3,
+        attention_probs_dropout_prob=0.2,
+    )
+    assert (config.num_layers, config.num_heads, config.hidden_dropout, config.attention_dropout) == (3, 2, 0.3, 0.2)
+    assert config.num_hidden_layers == 3 and len(DTGMAModel(config).layers) == 3
+    config.save_pretrained(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    assert '"num_layers": 3' in saved and "num_hidden_layers" not in saved
+    assert DTGMAConfig.from_pretrained(tmp_path).num_layers == 3
