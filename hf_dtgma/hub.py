@@ -169,13 +169,14 @@ def push_model(
         repo_id: `namespace/name`; created if it does not exist.
         card: the model card (default: `render_model_card(model, repo_id=..., adapters=tasks)`, without results).
         tasks: tasks to push also as `<task>/` adapter folders.
-        private: make a new repository private (an existing one keeps its visibility).
+        private: make a new repository private; an existing public one is refused (its visibility is not changed).
         token: a Hub token with write access (default: the logged-in one).
         commit_message: default "Upload DTG-MA model (<tasks>)".
 
     Raises:
         `PermissionError` without a token, `ConnectionError` offline or when the Hub cannot be reached,
-        `FileNotFoundError` / `PermissionError` when the repository cannot be created or written.
+        `FileNotFoundError` / `PermissionError` when the repository cannot be created or written, `ValueError` when
+        `private=True` names an existing public repository. Nothing is uploaded in any of these cases.
 
     Example:
 
@@ -257,6 +258,14 @@ def _push(
         stage(Path(folder))
         try:
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            # `create_repo` leaves an existing repository's visibility as it is: never upload to a public one when
+            # a private one was asked for.
+            if private and api.repo_info(repo_id).private is False:
+                raise ValueError(
+                    f"{repo_id} already exists and is public, and private=True (--private) does not change an "
+                    "existing repository's visibility. Nothing was uploaded. Make it private first (its Settings "
+                    f"page, or HfApi().update_repo_settings({repo_id!r}, private=True)), or push to a new repository."
+                )
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
         except (OSError, hub_errors.HTTPError) as error:
             raise hub_error(error, repo_id) from error

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--task", action="append", default=[], help="push this task's adapter (repeat for several)")
     tasks.add_argument("--all-tasks", action="store_true", help="push every task's adapter")
     parser.add_argument("--no-model", action="store_true", help="push only the task adapters")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument(
+        "--private", action="store_true", help="create the repository as private (an existing public one is refused)"
+    )
     parser.add_argument("--token", default=None, help="Hub token with write access (default: the logged-in one)")
     return parser
 

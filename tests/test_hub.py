@@ -9,6 +9,7 @@ import runpy
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx2
 import huggingface_hub
@@ -48,6 +49,7 @@ class FakeHub:
         self.downloads: list[list[str]] = []  # the files each snapshot_download fetched
         self.failure: Exception | None = None  # raised by the next create_commit, as a failing upload
         self.tokens: list[str | None] = []  # the token of each create_repo call
+        self.private: dict[str, bool] = {}  # each repository's visibility, set when it is created
 
     def repo(self, repo_id: str) -> Path:
         return self.root / repo_id
@@ -60,8 +62,15 @@ class FakeHub:
         self.tokens.append(api.token)
         if self.repo(repo_id).exists() and not exist_ok:
             raise hub_http_error(409)
+        if not self.repo(repo_id).exists():
+            self.private[repo_id] = bool(private)
         self.repo(repo_id).mkdir(parents=True, exist_ok=True)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def repo_info(self, api: HfApi, repo_id: str, **_) -> SimpleNamespace:
+        if not self.repo(repo_id).is_dir():
+            raise hub_http_error(404, "RepoNotFound")
+        return SimpleNamespace(id=repo_id, private=self.private[repo_id])
 
     def upload_folder(self, api: HfApi, *, repo_id: str, folder_path, path_in_repo=None, commit_message=None, **_):
         prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
@@ -105,7 +114,7 @@ def hub(tmp_path, monkeypatch) -> FakeHub:
     """An online Hub in a folder, and a logged-in user."""
     fake = FakeHub(tmp_path / "hub")
     fake.root.mkdir()
-    for name in ("create_repo", "upload_folder", "create_commit"):
+    for name in ("create_repo", "repo_info", "upload_folder", "create_commit"):
         method = getattr(fake, name)
         monkeypatch.setattr(HfApi, name, lambda api, *args, _method=method, **kwargs: _method(api, *args, **kwargs))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
@@ -198,6 +207,18 @@ def test_pushed_model_and_task_load_without_hf_dtgma(hub, tmp_path):
     )
     remote = torch.load(tmp_path / "remote.pt", weights_only=True)
     assert torch.equal(remote[0], logits_of(model, "sentiment")) and torch.equal(remote[1], logits_of(model, "topic"))
+
+
+def test_private_is_refused_for_an_existing_public_repository(hub):
+    model = base_model()
+    push_task(model, "sentiment", "alice/private-tasks", private=True)  # a new repository: created private
+    push_task(model, "sentiment", "alice/private-tasks", private=True)  # private already: pushed again
+    assert hub.private["alice/private-tasks"] and len(hub.commits) == 2
+    push_model(model, "alice/public", private=None)
+    files = hub.files("alice/public")
+    with pytest.raises(ValueError, match="alice/public already exists and is public.*Nothing was uploaded"):
+        push_task(model, "sentiment", "alice/public", private=True)
+    assert len(hub.commits) == 3 and hub.files("alice/public") == files and not hub.private["alice/public"]
 
 
 def test_push_model_with_its_tasks_is_one_commit(hub):
