@@ -117,6 +117,29 @@ def test_resume_with_other_model_settings_is_refused(tmp_path):
         ContinualTrainer(wider, training_config(tmp_path / "run")).fit(synthetic_tasks(), resume=True)
 
 
+def test_resume_with_other_training_settings_is_refused(tmp_path):
+    run(tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["training"]["learning_rate"] == 3e-3 and "eval_batch_size" not in state["training"]
+    for changed, message in (
+        (dict(learning_rate=0.1), "learning_rate: 0.003 → 0.1"),
+        (dict(evaluation_split="validation", seed=5), "seed: 0 → 5; evaluation_split: 'test' → 'validation'"),
+    ):
+        config = replace(training_config(tmp_path / "run"), **changed)
+        with pytest.raises(ValueError, match=f"other training settings than this run's: {message}. A resumed run"):
+            ContinualTrainer(new_model(), config).fit(synthetic_tasks(), resume=True)
+    # what changes no result may differ: the evaluation batch size, logging, the device flag
+    config = replace(training_config(tmp_path / "run"), eval_batch_size=7)
+    results = ContinualTrainer(new_model(), config).fit(synthetic_tasks(), resume=True)
+    assert len(results["task_il"]["accuracy_matrix"]) == 3
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    config = replace(training_config(tmp_path / "run"), overwrite_output_dir=True)
+    with pytest.raises(ValueError, match="either resume .* or overwrite_output_dir .*, not both"):
+        ContinualTrainer(new_model(), config).fit(synthetic_tasks(), resume=True)
+
+
 def test_a_new_run_replaces_another_only_when_told(tmp_path):
     out = tmp_path / "run"
     results, trainer = run(out)

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,6 +151,15 @@ def _changed_settings(saved: DTGMAConfig, wanted: DTGMAConfig) -> list[str]:
     ]
 
 
+# `ContinualTrainingConfig` fields that change no result: a resumed run may set them differently.
+_OUTCOME_NEUTRAL_TRAINING = {"output_dir", "eval_batch_size", "log_with", "overwrite_output_dir", "cpu"}
+
+
+def _training_settings(config: ContinualTrainingConfig) -> dict[str, Any]:
+    """The fields of `config` that change a run's results (all but `_OUTCOME_NEUTRAL_TRAINING`)."""
+    return {name: value for name, value in asdict(config).items() if name not in _OUTCOME_NEUTRAL_TRAINING}
+
+
 def make_accelerator(
     cpu: bool = False, mixed_precision: str | None = None, log_with: str | None = None, project_dir: str | None = None
 ) -> Accelerator:
@@ -243,6 +253,7 @@ class _RunState:
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     class_il_matrix: list[list[float]] = field(default_factory=list)
     task_identification: list[float] = field(default_factory=list)  # after each task, over all seen tasks
+    training: dict[str, Any] = field(default_factory=dict)  # `_training_settings` of the run (empty: older runs)
 
 
 class ContinualTrainer:
@@ -297,6 +308,11 @@ class ContinualTrainer:
         check_tasks(tasks)
         if resume and not self.strategy.supports_checkpoints:
             raise ValueError(f"The {self.strategy.name!r} strategy writes no checkpoints, so it cannot resume.")
+        if resume and self.config.overwrite_output_dir:
+            raise ValueError(
+                "Pass either resume (--resume: continue the run in the output folder) or overwrite_output_dir "
+                "(--overwrite-output-dir: start it over), not both."
+            )
         self._tasks = tasks
         if not resume and self._holds_a_run():
             if not self.config.overwrite_output_dir:
@@ -306,7 +322,7 @@ class ContinualTrainer:
                     "or pick a new --output-dir."
                 )
             self._discard_previous_run()
-        state = self._resume(tasks) if resume else _RunState()
+        state = self._resume(tasks) if resume else _RunState(training=_training_settings(self.config))
         if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:
             raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
         self._remove_interrupted_writes()
@@ -613,6 +629,17 @@ class ContinualTrainer:
             model = type(self.model).from_pretrained(checkpoint / "model")
         except (OSError, ValueError) as error:
             raise ValueError(f"Cannot resume from {checkpoint}: {error} {_DAMAGED_CHECKPOINT}") from error
+        wanted = _training_settings(self.config)
+        changed = [
+            f"{name}: {state.training[name]!r} → {wanted.get(name)!r}"
+            for name in state.training if state.training[name] != wanted.get(name)
+        ]
+        if changed:
+            raise ValueError(
+                f"The checkpoint in {self.output_dir} was trained with other training settings than this run's: "
+                f"{'; '.join(changed)}. A resumed run must train as the interrupted one did: resume with the flags "
+                "it was started with, start over with --overwrite-output-dir, or use a new --output-dir."
+            )
         changed = _changed_settings(model.config, self.model.config)
         if changed:
             raise ValueError(
