@@ -274,6 +274,18 @@ def test_custom_one_file_per_task(tmp_path):
     assert task.name == "one" and task.labels == ["p", "q"]
 
 
+def test_custom_several_files_with_a_task_column_are_refused(tmp_path):
+    """train.csv / test.csv that each name their rows' tasks would become tasks 'train' and 'test', each mixing every
+    real task: the column is an error, not ignored."""
+    for split in ("train", "test"):
+        rows = custom_rows("news", ["a", "b"], 10) + custom_rows("sports", ["c", "d"], 10)
+        pd.DataFrame(rows).to_csv(tmp_path / f"{split}.csv", index=False)
+    files = [str(tmp_path / "train.csv"), str(tmp_path / "test.csv")]
+    with pytest.raises(ValueError, match="train.csv has a 'task' column, but several files .* task_column=None"):
+        load_custom(files)
+    assert [task.name for task in load_custom(files, task_column=None)] == ["train", "test"]  # as asked for
+
+
 def test_custom_hub_path_keeps_given_splits(monkeypatch):
     def split(name, per_label):
         return Dataset.from_dict({"text": [f"{name} {label} {i}" for i in range(per_label) for label in (0, 1)],

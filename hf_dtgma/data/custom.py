@@ -39,7 +39,8 @@ def load_custom(
         - one file (.csv, .tsv, .json, .jsonl or .parquet) whose `task_column` names each row's task; tasks come in
           the order of their first row. With `task_column=None` the whole file is one task named after the file.
         - several files, or a directory of such files: one task per file, named after the file's stem, in the
-          order given (a directory: sorted by name); `task_column` is then ignored.
+          order given (a directory: sorted by name); a file that has `task_column` is then an error (pass
+          `task_column=None`).
         - `hub_id`: `load_dataset(hub_id)`, tasks from `task_column` as for one file.
 
     Splits: a file with a `split` column (values train / validation / test) keeps those splits; a Hub data set keeps
@@ -98,6 +99,13 @@ def load_custom(
             for path in files:
                 table = _read_file(path)
                 _check_columns({"all": table}, path.name, columns)
+                if task_column is not None and task_column in table.column_names:
+                    raise ValueError(
+                        f"{path.name} has a {task_column!r} column, but several files (or a folder) make one task per "
+                        "file, named after it, and that column would be ignored. For tasks from the column, give one "
+                        "file (a 'split' column keeps train / validation / test rows apart); for one task per file, "
+                        "pass task_column=None (--task-column none)."
+                    )
                 sources.append((path.stem, _split_parts(table, path.name)))
         origin = ", ".join(path.name for path in files)
     if num_tasks is not None and not 1 <= num_tasks <= len(sources):
