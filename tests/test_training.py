@@ -16,7 +16,7 @@ from conftest import DIM, synthetic_tasks
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.strategies.dtgma import DTGMAStrategy
-from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig, write_run_outputs
+from hf_dtgma.training import ContinualTrainer, ContinualTrainingConfig, make_accelerator, write_run_outputs
 
 
 def new_model() -> DTGMAModel:
@@ -138,6 +138,23 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
     config = replace(training_config(tmp_path / "run"), overwrite_output_dir=True)
     with pytest.raises(ValueError, match="either resume .* or overwrite_output_dir .*, not both"):
         ContinualTrainer(new_model(), config).fit(synthetic_tasks(), resume=True)
+
+
+def test_an_accelerator_that_does_not_do_what_the_config_asks_is_refused(tmp_path):
+    accelerator = make_accelerator(cpu=True)
+    for asked, message in (
+        (dict(mixed_precision="bf16"), "mixed_precision='bf16', the accelerator's is 'no'"),
+        (dict(log_with="tensorboard"), "log_with='tensorboard', the accelerator has no tracker"),
+    ):
+        config = replace(training_config(tmp_path / "run"), **asked)
+        with pytest.raises(ValueError, match=f"The ContinualTrainingConfig asks for {message}. Build the accelerator"):
+            ContinualTrainer(new_model(), config, accelerator=accelerator)
+    ContinualTrainer(new_model(), training_config(tmp_path / "run"), accelerator=accelerator)  # as asked: fine
+
+
+def test_fp16_on_the_cpu_is_refused_instead_of_running_in_float32():
+    with pytest.raises(ValueError, match="fp16 mixed precision does not run on the CPU .* use --mixed-precision bf16"):
+        make_accelerator(cpu=True, mixed_precision="fp16")
 
 
 def test_a_new_run_replaces_another_only_when_told(tmp_path):

@@ -160,6 +160,7 @@ def train_continually(
             eval_batch_size=args.eval_batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
             label_smoothing=args.label_smoothing or 0.0, patience=args.patience, seed=args.seed, log_with=args.log_with,
             evaluation_split=evaluation_split or args.evaluate_on, overwrite_output_dir=args.overwrite_output_dir,
+            mixed_precision=accelerator.mixed_precision, cpu=args.cpu,
         ),
         accelerator=accelerator,
     )

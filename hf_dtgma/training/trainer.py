@@ -164,7 +164,13 @@ def make_accelerator(
     cpu: bool = False, mixed_precision: str | None = None, log_with: str | None = None, project_dir: str | None = None
 ) -> Accelerator:
     """The `Accelerator` a continual run uses: `split_batches=True`, so the batch size is global and any number of
-    processes sees the same batches as one."""
+    processes sees the same batches as one. Raises `ValueError` for fp16 on the CPU, which Accelerate leaves off."""
+    on_cpu = cpu or not getattr(torch, "accelerator", torch.cuda).is_available()
+    if mixed_precision == "fp16" and on_cpu:
+        raise ValueError(
+            "fp16 mixed precision does not run on the CPU (Accelerate leaves it off there, so training would be "
+            "float32): use --mixed-precision bf16 (`mixed_precision='bf16'`) or no."
+        )
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
@@ -172,6 +178,26 @@ def make_accelerator(
         project_dir=project_dir,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def _check_accelerator(accelerator: Accelerator, config: ContinualTrainingConfig) -> None:
+    """Raise `ValueError` when a given `accelerator` does not do what `config` asks for (its mixed precision, tracker
+    or CPU), instead of training without it."""
+    problems = []
+    if config.mixed_precision != "no" and accelerator.mixed_precision != config.mixed_precision:
+        problems.append(
+            f"mixed_precision={config.mixed_precision!r}, the accelerator's is {accelerator.mixed_precision!r}"
+        )
+    if config.log_with and not accelerator.log_with:
+        problems.append(f"log_with={config.log_with!r}, the accelerator has no tracker")
+    if config.cpu and accelerator.device.type != "cpu":
+        problems.append(f"cpu=True, the accelerator runs on {accelerator.device}")
+    if problems:
+        raise ValueError(
+            f"The ContinualTrainingConfig asks for {'; '.join(problems)}. Build the accelerator with those settings "
+            "(hf_dtgma.training.make_accelerator(cpu=..., mixed_precision=..., log_with=...)), or pass none and the "
+            "trainer builds it from the config."
+        )
 
 
 @contextlib.contextmanager
@@ -281,6 +307,7 @@ class ContinualTrainer:
             cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with,
             project_dir=config.output_dir,
         )
+        _check_accelerator(self.accelerator, config)
         if self.accelerator.num_processes > 1 and not self.strategy.supports_distributed:
             raise ValueError(
                 f"The {self.strategy.name!r} strategy runs in one process (its state is not synchronised across "
