@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from text_domains import build_parser, complete_args, make_run_accelerator, prepare, train
+from text_domains import READ_BY, build_parser, complete_args, make_run_accelerator, prepare, train
 
 from hf_dtgma.files import write_json_atomic, write_text_atomic
 
@@ -27,6 +27,12 @@ FEATURE_OPTIONS = (
     "dataset", "text_column", "label_column", "task_column", "backbone", "backbone_revision", "layer", "max_length",
     "cache_dir",
 )
+# Options a candidate cannot set: how the tuning runs (its seeds, output, the accelerator built once for all
+# candidates, the validation splits it measures).
+UNTUNABLE = {
+    "seed", "seeds", "candidates", "output_dir", "resume", "overwrite_output_dir", "evaluate_on", "mixed_precision",
+    "cpu", "log_with",
+}
 DEFAULT_CANDIDATES = ['{"lr": 1e-2}', '{"lr": 3e-3}', '{"lr": 1e-3}']
 
 
@@ -36,7 +42,13 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES, help="JSON objects of option overrides")
     tuning.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.set_defaults(seed=None, evaluate_on=None)  # so that a given one can be refused
     args = parser.parse_args()
+    if args.seed is not None:
+        parser.error("--seed does not apply to tuning: every candidate runs once per seed of --seeds.")
+    if args.evaluate_on is not None:
+        parser.error("--evaluate-on does not apply to tuning: it measures the validation splits only.")
+    args.seed, args.evaluate_on = 0, "validation"
     chosen_output_dir = args.output_dir
     args = complete_args(args)
     args.output_dir = chosen_output_dir or args.output_dir.replace("outputs/", "outputs/tuning/", 1)
@@ -50,11 +62,13 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
             parser.error(f"--candidates {text!r} is not valid JSON ({error.msg}); write e.g. '{{\"lr\": 3e-3}}'.")
         if not isinstance(candidate, dict):
             parser.error(f"--candidates {text!r} must be a JSON object of option names to values.")
-        unknown = sorted(
-            set(candidate) - set(vars(args)) | set(candidate) & {"seed", "seeds", "candidates", "output_dir", "resume"}
-        )
+        unknown = sorted(set(candidate) - set(vars(args)) | set(candidate) & UNTUNABLE)
         if unknown:
             parser.error(f"--candidates {text!r} sets {unknown}, which are not tunable options of text_domains.py.")
+        benchmark = candidate.get("benchmark", args.benchmark)
+        unread = sorted(name for name in candidate if benchmark not in READ_BY.get(name, (benchmark,)))
+        if unread:
+            parser.error(f"--candidates {text!r} sets {unread}, which {benchmark} does not read.")
         candidates.append(candidate)
     return args, candidates
 

@@ -133,3 +133,23 @@ def test_training_flags_out_of_range_stop_before_any_work(flag, value, message, 
     with pytest.raises(SystemExit):
         build_parser().parse_args([flag, value])
     assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--seed", "3"], "--seed does not apply to tuning"),
+     (["--evaluate-on", "test"], "--evaluate-on does not apply to tuning"),
+     (["--candidates", '{"mixed_precision": "bf16"}'], "sets ['mixed_precision'], which are not tunable"),
+     (["--benchmark", "clinc150", "--candidates", '{"order": "3"}'], "sets ['order'], which clinc150 does not read")],
+)
+def test_tuning_refuses_what_it_would_ignore(argv, message, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from tune_text_domains import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["tune_text_domains.py", *argv])
+    with pytest.raises(SystemExit):
+        parse_args()
+    assert message in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["tune_text_domains.py", "--candidates", '{"lr": 0.01}', '{"task_rank": 4}'])
+    args, candidates = parse_args()
+    assert candidates == [{"lr": 0.01}, {"task_rank": 4}] and (args.seed, args.evaluate_on) == (0, "validation")
