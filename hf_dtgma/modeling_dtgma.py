@@ -778,9 +778,13 @@ class DTGMAModel(DTGMAPreTrainedModel):
         self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.attached_backbone is None:
+            images = (
+                " For images, build the model with its own patch embedder instead: DTGMAConfig(image_size=..., "
+                "patch_size=...)." if pixel_values is not None else ""
+            )
             raise ValueError(
                 "`input_ids` / `pixel_values` need a backbone: call `model.attach_backbone(...)` "
-                "(e.g. hf_dtgma.backbones.TextBackbone.from_pretrained(...)) or pass `inputs_embeds` features."
+                f"(e.g. hf_dtgma.backbones.TextBackbone.from_pretrained(...)) or pass `inputs_embeds` features.{images}"
             )
         if input_ids is not None:
             return self.attached_backbone(input_ids=input_ids, attention_mask=attention_mask)

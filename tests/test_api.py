@@ -76,6 +76,8 @@ def test_loss_and_gradients_reach_only_the_trained_task():
         (lambda m: m(inputs_embeds=torch.randn(2, 4, INPUT_DIM), labels=torch.tensor([0, 1])),
          ValueError, "need `task_ids`"),
         (lambda m: m(), ValueError, "exactly one of"),
+        (lambda m: m(pixel_values=torch.randn(2, 1, 28, 28)), ValueError,
+         r"need a backbone.*For images, build the model with its own patch embedder.*DTGMAConfig\(image_size="),
     ],
 )
 def test_bad_input_gets_a_clear_error(two_task_model, call, error, message):
