@@ -701,6 +701,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1.")
+    for flag, value in (("--epochs", args.epochs), ("--num-tasks", args.num_tasks)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}.")
+    if (args.epochs or args.num_tasks) and args.only is not None and 1 not in args.only:
+        parser.error("--epochs and --num-tasks set measurement 1, which --only leaves out: add 1 or drop them.")
+    if args.quick and args.data_dir:
+        parser.error("--quick runs on synthetic data and reads no --data-dir: drop one of the two.")
     try:
         args.device = torch.device(args.device)
     except RuntimeError:

@@ -135,6 +135,11 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     forwarded += ["--data-dir", args.data_dir] if args.data_dir else []
     forwarded += ["--epochs", str(args.epochs)] if args.epochs else []
     run_args = (vision_parser() if vision else text_parser()).parse_args(forwarded)
+    if run_args.resume or run_args.overwrite_output_dir:
+        raise SystemExit(
+            "--resume and --overwrite-output-dir do not apply to compare.py: it reuses every finished run with the "
+            "same settings and starts the others over by itself. Drop the flag."
+        )
     run_args = complete_vision_args(run_args) if vision else complete_text_args(run_args)
     return args, run_args
 

@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 def complete_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left unset from `BENCHMARK_DEFAULTS`, `DATA_DEFAULTS` and the default output folder.
     Raises `ValueError` for a data flag that `--benchmark` does not read (`READ_BY`)."""
+    if args.omniglot_tasks == "alphabets" and args.classes_per_task is not None:
+        raise ValueError(
+            "--omniglot-tasks alphabets makes one task per alphabet, of all its characters, and reads no "
+            "--classes-per-task: drop the flag."
+        )
     complete_data_flags(args, READ_BY, DATA_DEFAULTS)
     for name, value in BENCHMARK_DEFAULTS[args.benchmark].items():
         if getattr(args, name) is None:

@@ -122,6 +122,19 @@ def test_a_device_torch_cannot_use_is_a_clear_error(capsys):
         assert "sees no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--epochs", "0"], "--epochs must be at least 1, got 0"),
+     (["--only", "4", "--num-tasks", "3"], "--epochs and --num-tasks set measurement 1, which --only leaves out"),
+     (["--quick", "--data-dir", "clinc150"], "--quick runs on synthetic data and reads no --data-dir")],
+)
+def test_flags_that_would_be_ignored_are_refused(argv, message, capsys):
+    bench = import_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_measurements_that_need_data_are_skipped_without_it(tmp_path):
     bench = import_bench()
     args = bench.parse_args(["--only", "2,8", "--output-dir", str(tmp_path), "--device", "cpu"])

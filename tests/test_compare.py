@@ -84,6 +84,7 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path):
         (["--hparams", "{ewc: {penalty: 100}}"],
          r"--hparams is not valid JSON \(Expecting property name.*double quotes"),
         (["--methods", ","], r"--methods names no method; known: .*dtgma"),
+        (["--resume"], r"--resume and --overwrite-output-dir do not apply to compare.py: it reuses"),
     ],
 )
 def test_bad_arguments_stop_before_any_work(argv, message):

@@ -359,6 +359,9 @@ def test_a_data_flag_the_benchmark_does_not_read_is_an_error(name, flags):
 
     with pytest.raises(ValueError, match=f"{name} does not read {flags[0]} \\(only .*\\): drop the flag"):
         complete_args(build_parser().parse_args(["--benchmark", name, *flags]))
+    alphabets = ["--benchmark", "omniglot", "--omniglot-tasks", "alphabets", "--classes-per-task", "5"]
+    with pytest.raises(ValueError, match="one task per alphabet, .* reads no --classes-per-task: drop the flag"):
+        complete_args(build_parser().parse_args(alphabets))
 
 
 def test_data_flags_left_unset_get_their_defaults():
