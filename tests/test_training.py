@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import accelerate.tracking
 import numpy as np
 import pytest
 import torch
@@ -152,9 +153,12 @@ def test_an_accelerator_that_does_not_do_what_the_config_asks_is_refused(tmp_pat
     ContinualTrainer(new_model(), training_config(tmp_path / "run"), accelerator=accelerator)  # as asked: fine
 
 
-def test_fp16_on_the_cpu_is_refused_instead_of_running_in_float32():
+def test_settings_accelerate_would_drop_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="fp16 mixed precision does not run on the CPU .* use --mixed-precision bf16"):
         make_accelerator(cpu=True, mixed_precision="fp16")
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])  # tensorboard not installed
+    with pytest.raises(ValueError, match="log_with='tensorboard' .*: no such tracker is installed. Install it"):
+        make_accelerator(cpu=True, log_with="tensorboard")
 
 
 def test_a_new_run_replaces_another_only_when_told(tmp_path):

@@ -164,20 +164,27 @@ def make_accelerator(
     cpu: bool = False, mixed_precision: str | None = None, log_with: str | None = None, project_dir: str | None = None
 ) -> Accelerator:
     """The `Accelerator` a continual run uses: `split_batches=True`, so the batch size is global and any number of
-    processes sees the same batches as one. Raises `ValueError` for fp16 on the CPU, which Accelerate leaves off."""
+    processes sees the same batches as one. Raises `ValueError` for fp16 on the CPU, which Accelerate leaves off, and
+    for a `log_with` tracker that is not installed, which Accelerate would skip."""
     on_cpu = cpu or not getattr(torch, "accelerator", torch.cuda).is_available()
     if mixed_precision == "fp16" and on_cpu:
         raise ValueError(
             "fp16 mixed precision does not run on the CPU (Accelerate leaves it off there, so training would be "
             "float32): use --mixed-precision bf16 (`mixed_precision='bf16'`) or no."
         )
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         log_with=log_with,
         project_dir=project_dir,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    if log_with and not accelerator.log_with:  # Accelerate only warns, then logs nothing
+        raise ValueError(
+            f"log_with={log_with!r} (--log-with): no such tracker is installed. Install it (e.g. pip install "
+            "tensorboard), or drop the flag."
+        )
+    return accelerator
 
 
 def _check_accelerator(accelerator: Accelerator, config: ContinualTrainingConfig) -> None:
