@@ -1,6 +1,7 @@
 """The main job end to end on a custom benchmark: a small CSV made here, a tiny local backbone, two tasks."""
 
 import csv
+import importlib
 import json
 import os
 import random
@@ -96,17 +97,24 @@ def test_benchmark_defaults_fill_only_the_flags_left_unset():
 
 
 @pytest.mark.parametrize(
-    "name, flags",
-    [("clinc150", ["--order", "2"]), ("text_domains", ["--train-per-task", "100"]),
-     ("clinc150", ["--test-per-task", "100"]), ("clinc150", ["--split-seed", "3"]),
-     ("cl_benchmark", ["--text-column", "sentence"]), ("text_domains", ["--task-column", "none"])],
+    "script, name, flags",
+    [("text_domains", "clinc150", ["--order", "2"]), ("text_domains", "text_domains", ["--train-per-task", "100"]),
+     ("text_domains", "clinc150", ["--test-per-task", "100"]), ("text_domains", "clinc150", ["--split-seed", "3"]),
+     ("text_domains", "cl_benchmark", ["--text-column", "sentence"]),
+     ("text_domains", "text_domains", ["--task-column", "none"]),
+     ("vision_splits", "permuted_mnist", ["--max-shift", "1"]),
+     ("vision_splits", "omniglot", ["--validation-fraction", "0.2"]),
+     ("vision_splits", "omniglot", ["--train-per-task", "100"]),
+     ("vision_splits", "split_fashion_mnist", ["--image-size", "32"]),
+     ("vision_splits", "split_mnist", ["--classes-per-task", "5"]),
+     ("vision_splits", "split_cifar100", ["--omniglot-tasks", "alphabets"])],
 )
-def test_a_data_flag_the_benchmark_does_not_read_is_an_error(name, flags):
+def test_a_data_flag_the_benchmark_does_not_read_is_an_error(script, name, flags):
     sys.path.insert(0, str(ROOT / "scripts"))
-    from text_domains import build_parser, complete_args
+    module = importlib.import_module(script)
 
     with pytest.raises(ValueError, match=f"{name} does not read {flags[0]} \\(only .*\\): drop the flag"):
-        complete_args(build_parser().parse_args(["--benchmark", name, *flags]))
+        module.complete_args(module.build_parser().parse_args(["--benchmark", name, *flags]))
 
 
 def test_data_flags_left_unset_get_their_defaults():

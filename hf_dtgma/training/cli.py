@@ -37,7 +37,7 @@ def at_least(bound: float, kind: type = int, exclusive: bool = False) -> Callabl
 
 def complete_data_flags(
     args: argparse.Namespace, read_by: dict[str, tuple[str, ...]], defaults: dict[str, Any]
-) -> argparse.Namespace:
+) -> None:
     """Refuse a data flag given to a `--benchmark` whose loader does not read it, then fill the ones left unset.
 
     Args:
@@ -54,7 +54,6 @@ def complete_data_flags(
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    return args
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, hidden_size: int = 256) -> argparse._ArgumentGroup:
