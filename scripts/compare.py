@@ -46,6 +46,7 @@ from hf_dtgma.files import write_json_atomic, write_text_atomic
 from hf_dtgma.modeling_dtgma import atomic_path
 from hf_dtgma.strategies import STRATEGIES
 from hf_dtgma.training.cli import make_run_accelerator, model_config, train_continually
+from hf_dtgma.training.trainer import OUTCOME_NEUTRAL_TRAINING
 
 # Methods' hyperparameters chosen on validation splits (first three tasks, seed 0; grids in the README). Methods and
 # benchmarks not listed use the dataclass defaults of their strategy.
@@ -171,12 +172,10 @@ def variants(args, method: str) -> list[tuple[str, dict]]:
     ]
 
 
-# The run flags that leave a result unchanged: where a run writes and how it restarts, batch sizes that change memory
-# only, logging and the feature cache's folder. A run's seed is its own entry.
-OUTCOME_NEUTRAL_FLAGS = (
-    "output_dir", "resume", "overwrite_output_dir", "eval_batch_size", "feature_batch_size", "cache_dir", "log_with",
-    "seed",
-)
+# The run flags that leave a result unchanged: the trainer's (output folder, evaluation batch size, logging, the
+# device flag, overwriting), how a run restarts, the feature pass's batch size and cache folder. The seed is its own
+# entry.
+OUTCOME_NEUTRAL_FLAGS = {*OUTCOME_NEUTRAL_TRAINING, "resume", "feature_batch_size", "cache_dir", "seed"}
 
 
 def run_settings(args, run_args, config: DTGMAConfig, method: str, seed: int, hyperparameters: dict) -> dict:

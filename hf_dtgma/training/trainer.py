@@ -152,12 +152,12 @@ def _changed_settings(saved: DTGMAConfig, wanted: DTGMAConfig) -> list[str]:
 
 
 # `ContinualTrainingConfig` fields that change no result: a resumed run may set them differently.
-_OUTCOME_NEUTRAL_TRAINING = {"output_dir", "eval_batch_size", "log_with", "overwrite_output_dir", "cpu"}
+OUTCOME_NEUTRAL_TRAINING = {"output_dir", "eval_batch_size", "log_with", "overwrite_output_dir", "cpu"}
 
 
 def _training_settings(config: ContinualTrainingConfig) -> dict[str, Any]:
-    """The fields of `config` that change a run's results (all but `_OUTCOME_NEUTRAL_TRAINING`)."""
-    return {name: value for name, value in asdict(config).items() if name not in _OUTCOME_NEUTRAL_TRAINING}
+    """The fields of `config` that change a run's results (all but `OUTCOME_NEUTRAL_TRAINING`)."""
+    return {name: value for name, value in asdict(config).items() if name not in OUTCOME_NEUTRAL_TRAINING}
 
 
 def make_accelerator(
