@@ -190,17 +190,27 @@ def _model_type(config: Path) -> str | None:
     return content.get("model_type") if isinstance(content, dict) else None
 
 
-def resolve_text_backbone(name_or_path: str, allow_fallback: bool, timeout: float = 5.0) -> tuple[str, str | None]:
-    """Where to load text backbone `name_or_path` from, and why it was replaced (None if it was not).
+def resolve_text_backbone(
+    name_or_path: str, allow_fallback: bool, timeout: float = 5.0, revision: str | None = None
+) -> tuple[str, str | None]:
+    """Where to load text backbone `name_or_path` (at Hub `revision`) from, and why it was replaced (None if it was
+    not).
 
     A local folder or a model in the local Hugging Face cache is used as is. Otherwise the Hub is asked (unless
     `HF_HUB_OFFLINE` is set), with a short `timeout` so an unreachable network never hangs a run. When the model cannot
     be had and `allow_fallback` is true, the embedded all-MiniLM-L6-v2 encoder is used instead (the caller warns);
-    when it is false, that is an error.
+    when it is false, that is an error. A `revision` is a Hub revision: with a local folder or the embedded encoder
+    (which have none) it is an error, not silently ignored.
 
     Returns:
         `(load_path, fallback_reason)`: `load_path` is what `from_pretrained` should read.
     """
+    if revision is not None and (name_or_path == EMBEDDED_TEXT_BACKBONE or Path(name_or_path).is_dir()):
+        what = "the embedded encoder" if name_or_path == EMBEDDED_TEXT_BACKBONE else f"the local folder {name_or_path}"
+        raise ValueError(
+            f"Backbone revision {revision!r} given for {what}, which has no Hub revisions: drop the revision "
+            "(--backbone-revision), or pass a Hub id."
+        )
     if name_or_path == EMBEDDED_TEXT_BACKBONE:
         return _embedded_backbone_path(), None
     if Path(name_or_path).is_dir():
@@ -215,18 +225,19 @@ def resolve_text_backbone(name_or_path: str, allow_fallback: bool, timeout: floa
     from huggingface_hub import constants, model_info, snapshot_download
 
     try:
-        snapshot_download(name_or_path, local_files_only=True)
+        snapshot_download(name_or_path, revision=revision, local_files_only=True)
         return name_or_path, None
     except Exception:  # not (fully) in the local cache: ask the Hub below
         pass
+    where = name_or_path if revision is None else f"{name_or_path} at revision {revision!r}"
     if constants.HF_HUB_OFFLINE:
-        reason = f"{name_or_path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        reason = f"{where} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
     else:
         try:
-            model_info(name_or_path, timeout=timeout)
+            model_info(name_or_path, revision=revision, timeout=timeout)
             return name_or_path, None
-        except Exception as error:  # network down, repository missing or gated: all mean "cannot be had"
-            reason = f"{name_or_path} could not be reached on the Hub ({type(error).__name__})"
+        except Exception as error:  # network down, repository or revision missing, gated: all mean "cannot be had"
+            reason = f"{where} could not be reached on the Hub ({type(error).__name__})"
     if not allow_fallback:
         raise OSError(f"Text backbone unavailable: {reason}. Pass a local folder or a reachable Hub id.")
     return _embedded_backbone_path(), reason
@@ -290,7 +301,8 @@ def open_text_backbone(
 
     `name_or_path=None` asks for `DEFAULT_TEXT_BACKBONE` (Qwen2.5-1.5B); when it can be had neither from the local
     cache nor from the Hub, the embedded all-MiniLM-L6-v2 encoder replaces it, with a warning. A backbone named
-    explicitly is never replaced: if it cannot be had, that is an error.
+    explicitly, or a `revision` of the default, is never replaced: if it cannot be had, that is an error. A
+    `revision` with a local folder is an error too (a folder has no Hub revisions).
 
     Args:
         kwargs: passed to `TextBackbone.from_pretrained` (`dtype`, `device`, ...).
@@ -299,7 +311,9 @@ def open_text_backbone(
         `(backbone, fallback_reason)`: `fallback_reason` is None unless the default was replaced.
     """
     name = os.fspath(name_or_path or DEFAULT_TEXT_BACKBONE)
-    load_path, fallback_reason = resolve_text_backbone(name, allow_fallback=name_or_path is None)
+    load_path, fallback_reason = resolve_text_backbone(
+        name, allow_fallback=name_or_path is None and revision is None, revision=revision
+    )
     if fallback_reason is not None:
         warnings.warn(
             f"{fallback_reason}: using the embedded all-MiniLM-L6-v2 encoder instead. Pass --backbone <hub id or "

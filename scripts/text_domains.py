@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backbone = parser.add_argument_group("backbone")
     backbone.add_argument("--backbone", default=None, help=f"Hub id or local path (default: {DEFAULT_TEXT_BACKBONE})")
-    backbone.add_argument("--backbone-revision", default=None)
+    backbone.add_argument("--backbone-revision", default=None, help="Hub branch, tag or commit of --backbone")
     backbone.add_argument(
         "--layer", type=int, nargs="+", default=None,
         help="hidden state(s) to read: -1 last layer, 0 embeddings; several (--layer -1 -3) are concatenated "

@@ -2,13 +2,14 @@
 
 import json
 
+import huggingface_hub
 import pytest
 import torch
 
 from conftest import TEXTS, tiny_qwen
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
-from hf_dtgma.backbones import PatchEmbedder, TextBackbone, open_text_backbone
+from hf_dtgma.backbones import EMBEDDED_TEXT_BACKBONE, PatchEmbedder, TextBackbone, open_text_backbone
 from hf_dtgma.features import features_fingerprint
 
 
@@ -83,6 +84,26 @@ def test_a_folder_given_as_a_path_is_named_by_its_string(tmp_path):
     assert loaded.name == deferred.name == str(tmp_path / "qwen") and fallback_reason is None
     assert json.loads(json.dumps(loaded.identity)) == loaded.identity == deferred.identity
     assert features_fingerprint(loaded, TEXTS) == features_fingerprint(deferred, TEXTS)
+
+
+def test_a_revision_is_refused_where_it_cannot_apply_and_is_never_replaced_by_the_embedded_encoder(
+    tmp_path, monkeypatch
+):
+    """A revision names a Hub revision: for a local folder or the embedded encoder it is an error (it used to be
+    recorded in results.json and ignored), and a revision of the default backbone is never swapped for the embedded
+    encoder, which would then have carried that revision in its identity."""
+    tiny_qwen()[0].save_pretrained(tmp_path / "qwen")
+    with pytest.raises(ValueError, match=r"'v1' given for the local folder .*qwen, which has no Hub revisions"):
+        open_text_backbone(tmp_path / "qwen", revision="v1")
+    with pytest.raises(ValueError, match="revision 'v1' given for the embedded encoder"):
+        open_text_backbone(EMBEDDED_TEXT_BACKBONE, revision="v1")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.warns(UserWarning, match="using the embedded all-MiniLM-L6-v2 encoder instead"):
+        fallback, reason = open_text_backbone()  # the default, unavailable offline: replaced, with a warning
+    assert fallback.name == EMBEDDED_TEXT_BACKBONE and "HF_HUB_OFFLINE is set" in reason
+    with pytest.raises(OSError, match=r"Qwen/Qwen2.5-1.5B at revision 'v1' is not in the local Hugging Face cache"):
+        open_text_backbone(revision="v1")
 
 
 def test_a_different_backbone_is_refused(backbone):
