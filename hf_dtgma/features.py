@@ -1,9 +1,10 @@
 """Frozen-backbone features, computed once and cached on disk with `datasets`.
 
-A text dataset is mapped through a `TextBackbone` once (`Dataset.map(batched=True)`); the result is written to an
-Arrow file whose name is a fingerprint of everything that determines the features: the backbone's identity (name,
-revision, layer), the maximum length and the texts themselves. Every later epoch, task and run with the same
-fingerprint reads the file and never calls the backbone.
+A text dataset's texts are mapped through a `TextBackbone` once (`Dataset.map(batched=True)`); the result, the texts
+and their features only, is written to an Arrow file whose name is a fingerprint of everything that determines the
+features: the backbone's identity (name, revision, layer), the maximum length and the texts themselves. Every later
+epoch, task and run with the same fingerprint reads the file and never calls the backbone; the features are joined
+to the dataset's own columns, so datasets that share their texts but not their labels share the file, never the labels.
 
 Only real tokens are stored (no padding), as float16: `features` is a `(n_tokens, D)` array per example.
 """
@@ -13,13 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Array2D, Dataset, Features
+from datasets import Array2D, Dataset, Features, concatenate_datasets
 
 from .backbones import DeferredTextBackbone, TextBackbone
 from .errors import explain_out_of_memory
@@ -28,11 +32,13 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("HF_DTGMA_CACHE", Path.home() / ".cache"
 SORTED_RUN = 32  # `sort_by_length`: batches sorted together (their features are held in memory until written)
 
 
+CACHE_LAYOUT = 2  # in the fingerprint: files of layout 1 held every column of the dataset, labels included
+
+
 def features_fingerprint(backbone: TextBackbone | DeferredTextBackbone, texts: list[str]) -> str:
-    """SHA-256 (first 32 hex digits) of the backbone identity, the maximum length and the texts."""
-    digest = hashlib.sha256(
-        json.dumps({**backbone.identity, "max_length": backbone.max_length}, sort_keys=True).encode()
-    )
+    """SHA-256 (first 32 hex digits) of the backbone identity, the maximum length, the cache layout and the texts."""
+    identity = {**backbone.identity, "max_length": backbone.max_length, "cache_layout": CACHE_LAYOUT}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")
@@ -61,8 +67,9 @@ def cache_features(
             `batch_size`).
 
     Returns:
-        `dataset` with the extra `features` column. A second call with the same backbone, length and texts loads
-        the cached file without running the backbone.
+        `dataset` with the extra `features` column (replacing one it had), its other columns unchanged. A second call
+        with the same backbone, length and texts loads the cached file without running the backbone, whatever the
+        other columns hold.
     """
     if text_column not in dataset.column_names:
         raise ValueError(f"The dataset has no {text_column!r} column (columns: {dataset.column_names}).")
@@ -71,7 +78,9 @@ def cache_features(
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = features_fingerprint(backbone, dataset[text_column])
-    features = Features({**dataset.features, "features": Array2D(shape=(None, backbone.hidden_size), dtype="float16")})
+    texts = dataset.select_columns([text_column]).with_format(None)  # the map reads and writes plain lists
+    array = Array2D(shape=(None, backbone.hidden_size), dtype="float16")
+    features = Features({text_column: texts.features[text_column], "features": array})
 
     def encode(batch: dict) -> dict:
         hidden, mask = backbone.encode(batch[text_column])
@@ -99,7 +108,7 @@ def cache_features(
 
     lower = f"the feature batch size (--feature-batch-size, now {batch_size}) or --max-length ({backbone.max_length})"
     with explain_out_of_memory(f"computing backbone features with {backbone.name}", lower):
-        return dataset.map(
+        encoded = texts.map(
             encode_sorted if sort_by_length else encode,
             batched=True,
             batch_size=batch_size * SORTED_RUN if sort_by_length else batch_size,
@@ -108,6 +117,24 @@ def cache_features(
             new_fingerprint=fingerprint,
             desc=f"Backbone features ({backbone.name})",
         )
+    if "features" in dataset.column_names:
+        dataset = dataset.remove_columns("features")
+    with _without_progress_bars():  # a `select` view is flattened to join columns: quick, and not worth a bar
+        joined = concatenate_datasets([dataset, encoded.select_columns(["features"])], axis=1)
+    return joined.with_format(dataset.format["type"], **dataset.format["format_kwargs"])
+
+
+@contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Hide `datasets`' progress bars inside the block (restoring the caller's setting after)."""
+    if datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        try:
+            yield
+        finally:
+            datasets.enable_progress_bars()
+    else:
+        yield
 
 
 def cache_task_features(

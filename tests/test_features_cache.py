@@ -39,6 +39,28 @@ def test_second_run_reads_the_cache_without_calling_the_backbone(tmp_path):
     assert CountingBackbone.calls == 3
 
 
+def test_datasets_sharing_their_texts_share_the_cached_features_but_keep_their_own_columns(tmp_path):
+    """The cache file is keyed on the texts, so it must hold nothing else: a second task over the same sentences (other
+    labels, another column, a `select` view) used to get the first task's labels back from it."""
+    model, tokenizer = tiny_qwen()
+    backbone = CountingBackbone(model, tokenizer, name="tiny-qwen2", max_length=16)
+    calls = CountingBackbone.calls
+    sentiment = cache_features(Dataset.from_dict({"text": TEXTS, "label": [0, 1, 0, 1]}), backbone, cache_dir=tmp_path)
+    fixed = cache_features(Dataset.from_dict({"text": TEXTS, "label": [1, 1, 0, 0]}), backbone, cache_dir=tmp_path)
+    assert fixed["label"][:] == [1, 1, 0, 0]  # labels fixed in the data: the new ones, not the cached run's
+    topic = Dataset.from_dict({"text": TEXTS, "label": [2, 0, 1, 2], "domain": list("abcd"), "features": [0] * 4})
+    relabelled = cache_features(topic, backbone, cache_dir=tmp_path)
+    assert CountingBackbone.calls == calls + 1  # the texts' features were computed once
+    assert relabelled.column_names == ["text", "label", "domain", "features"]
+    assert relabelled["label"][:] == [2, 0, 1, 2] and relabelled["domain"][:] == list("abcd")
+    assert relabelled["features"][:] == sentiment["features"][:] and sentiment["label"][:] == [0, 1, 0, 1]
+
+    view = cache_features(topic.select([3, 1]).with_format("numpy"), backbone, cache_dir=tmp_path)
+    rows = view[:]
+    assert view.format["type"] == "numpy" and rows["label"].tolist() == [2, 0]
+    assert [f.tolist() for f in rows["features"]] == [sentiment["features"][3], sentiment["features"][1]]
+
+
 def test_a_cached_run_never_loads_the_backbone_weights(tmp_path):
     model, tokenizer = tiny_qwen()
     model.save_pretrained(tmp_path / "qwen")
