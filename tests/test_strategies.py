@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DIM, synthetic_tasks
 
@@ -290,3 +291,40 @@ def test_all_logits_equal_the_per_task_logits(name, tmp_path):
     assert [part.shape for part in together] == [part.shape for part in alone]
     for part, expected in zip(together, alone):
         torch.testing.assert_close(part, expected, rtol=0, atol=1e-6)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of every matrix product run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.dtypes.add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_task_of_every_method_trains_in_the_mixed_precision_asked_for(name, tmp_path):
+    """bf16 used to reach the first task only (Accelerate handed the module back unprepared from the second `prepare`
+    on), and never methods that call their network's parts directly (LwF, HAT, DWA, DyTox, DAFormer)."""
+    torch.manual_seed(0)
+    strategy = build_strategy(name, model_config())
+    config = ContinualTrainingConfig(
+        output_dir=str(tmp_path), epochs=1, batch_size=16, cpu=True, mixed_precision="bf16", class_incremental=False
+    )
+    products: dict[int, set[torch.dtype]] = {}
+    training_loss = strategy.training_loss
+
+    def recorded(module, batch, index, **kwargs):
+        with MatmulDtypes() as mode:
+            loss = training_loss(module, batch, index, **kwargs)
+        products.setdefault(index, set()).update(mode.dtypes)
+        return loss
+
+    strategy.training_loss = recorded
+    ContinualTrainer(strategy, config).fit(synthetic_tasks(num_tasks=2, sizes=(16, 4, 4)))
+    assert products == {0: {torch.bfloat16}, 1: {torch.bfloat16}}

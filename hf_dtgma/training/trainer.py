@@ -446,7 +446,8 @@ class ContinualTrainer:
             with explain_out_of_memory(f"training task {task.name!r}", batches_hint):
                 quiet = not accelerator.is_local_main_process
                 for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
-                    loss = strategy.training_loss(wrapped, batch, index, progress=batches / last)
+                    with accelerator.autocast():  # methods that call submodules directly skip the wrapped forward
+                        loss = strategy.training_loss(wrapped, batch, index, progress=batches / last)
                     accelerator.backward(loss)
                     strategy.before_optimizer_step()
                     if accelerator.sync_gradients:
@@ -488,7 +489,10 @@ class ContinualTrainer:
             for name, param in trainable_by_name.items():
                 param.copy_(best_state[name])
         # Drop the DDP wrapper, the mixed-precision forward and the optimizer: the next task prepares its own.
+        # Accelerate marks a module it prepared and hands it back untouched (no autocast, no compile) when asked
+        # again: unmark it.
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        strategy.module.__dict__.pop("_is_accelerate_prepared", None)
         accelerator.free_memory()
         return best[0], epochs
 
