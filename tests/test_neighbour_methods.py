@@ -119,6 +119,33 @@ def test_dytox_balanced_fine_tuning_early_stops_on_class_incremental_accuracy(tm
     assert trainer._validate(2)[0] == pytest.approx(trainer._evaluate(2, tasks[2].validation)[0])
 
 
+@pytest.mark.parametrize("name", ["dytox", "daformer"])
+def test_dytox_label_smoothing_spreads_each_rows_target_over_its_own_tasks_labels(name, tmp_path, monkeypatch):
+    """DyTox trains with binary cross-entropy over every seen label; `label_smoothing` (ignored before) moves that
+    much of each row's target onto its own task's labels, as `classification_loss` does for the other methods."""
+    targets: list[torch.Tensor] = []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def recorded(logits, target, *args, **kwargs):
+        targets.append(target.detach().clone())
+        return bce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", recorded)
+    torch.manual_seed(0)
+    strategy = build_strategy(name, model_config(), memory_per_class=2)
+    config = ContinualTrainingConfig(
+        output_dir=str(tmp_path), epochs=1, batch_size=16, cpu=True, label_smoothing=0.2, class_incremental=False
+    )
+    ContinualTrainer(strategy, config).fit(synthetic_tasks(num_tasks=2, sizes=(8, 4, 4)))
+    main = [target for target in targets if target.shape[1] in (2, 4)]  # the divergence head's targets are 3 wide
+    assert {target.shape[1] for target in main} == {2, 4}  # both tasks trained, the second with the first's memory
+    for target in main:
+        blocks = target.view(len(target), -1, 2)  # (B, tasks seen, 2 labels each)
+        own = blocks.sum(-1) > 0
+        assert own.sum(1).eq(1).all()  # every row's target lies in one task's labels
+        torch.testing.assert_close(blocks[own].sort(-1).values, torch.tensor([0.1, 0.9]).expand(int(own.sum()), 2))
+
+
 # --- TAG --------------------------------------------------------------------------------------------------------
 
 

@@ -273,6 +273,11 @@ class DyToxStrategy(ContinualStrategy):
         logits = torch.cat(self.network.task_logits(embeddings), dim=1).float()  # (B, |C_1:t|)
         offsets = torch.tensor([0, *self.num_labels[:-1]], device=logits.device).cumsum(0)
         targets = F.one_hot(offsets[task_ids] + batch["labels"], logits.shape[1]).float()
+        if self.label_smoothing:  # as `classification_loss`: spread over the labels of each row's own task
+            columns = torch.arange(logits.shape[1], device=logits.device)
+            sizes = torch.tensor(self.num_labels, device=logits.device)[task_ids]
+            own = (columns >= offsets[task_ids, None]) & (columns < (offsets[task_ids] + sizes)[:, None])
+            targets = (1 - self.label_smoothing) * targets + self.label_smoothing * own / sizes[:, None]
         loss = F.binary_cross_entropy_with_logits(logits, targets)
         if self.teacher is None:
             return loss
