@@ -181,12 +181,20 @@ def test_tag_scales_later_steps_by_the_cosine_rule():
     start = param.detach().clone()
     gradient = torch.tensor([-1.0, 1.0])
     steps(optimizer, param, [gradient])  # task 2: m = (-0.5, 0.5), v = (0.25, 0.25), cos(m, m̂_1) = -1/√2
-    alpha = math.exp(-2.0 * (-1 / math.sqrt(2)))
-    expected = start - 0.1 * gradient / torch.sqrt(torch.tensor([0.25 + alpha * 0.25, 0.25]))
+    alpha, current = math.exp(-2.0 * (-1 / math.sqrt(2))), math.exp(-2.0)  # the current task's own α: exp(−b)
+    expected = start - 0.1 * gradient / torch.sqrt(torch.tensor([current * 0.25 + alpha * 0.25, current * 0.25]))
     torch.testing.assert_close(param.detach(), expected)
     # an aligned direction keeps more of its step than an opposed one
     aligned = math.exp(-2.0 * 1.0)
     assert aligned < 1 < alpha
+
+
+@pytest.mark.parametrize("variant, beta2", [("adam", 0.999), ("rmsprop", 0.99), ("rmsprop", 0.9)])
+def test_tag_strategy_takes_the_authors_beta2_for_its_variant_unless_given(variant, beta2):
+    given = {"beta2": beta2} if beta2 == 0.9 else {}
+    strategy = build_strategy("tag", model_config(), variant=variant, **given)
+    optimizer = strategy.make_optimizer(strategy.parameter_groups(0.0), 1e-3)
+    assert optimizer.param_groups[0]["betas"] == (0.9, beta2)
 
 
 def test_tag_relatedness_is_one_for_a_zero_moment_and_needs_no_host_sync():

@@ -3,24 +3,30 @@
 The optimizer keeps, for the current task and per parameter tensor, a first moment m_t (EMA of the gradients, β1)
 and a second moment v_t (EMA of their squares, β2), both started afresh at each task. At a task boundary it stores
 the task's first moment normalised to unit length, m̂_τ = m_τ / ‖m_τ‖, and its second moment v̂_τ. On a later task t
-each step is scaled by how the current direction relates to every earlier task's:
+each step is scaled by how the current direction relates to every task's so far, the current one included:
 
     α_τ = exp(−b · cos(m_t, m̂_τ))                                  per earlier task τ < t, per tensor
-    TAG-RMSProp:  θ ← θ − η · g / (sqrt(v_t + Σ_τ α_τ v̂_τ) + ε)
-    TAG-Adam:     θ ← θ − η · m̃_t / (sqrt(ṽ_t + Σ_τ α_τ v̂_τ) + ε)   (m̃, ṽ: bias-corrected within the task)
+    α_t = exp(−b · cos(m_t, m_t)) = exp(−b)                        the current task
+    TAG-RMSProp:  θ ← θ − η · g / (sqrt(α_t v_t + Σ_τ α_τ v̂_τ) + ε)
+    TAG-Adam:     θ ← θ − η · m̃_t / (sqrt(α_t ṽ_t + Σ_τ α_τ v̂_τ) + ε)   (m̃, ṽ: bias-corrected within the task)
 
 A direction opposed to an earlier task's (cos < 0) gets a large α, a large denominator and a small step, which
-protects that task; an aligned one keeps most of its step. On the first task there is no τ: TAG-RMSProp is
-RMSProp (`torch.optim.RMSprop`'s update) and TAG-Adam is Adam.
+protects that task; one aligned with it (cos → 1, α_τ → α_t) gets a larger step than plain Adam would take, which
+lets related tasks transfer. On the first task there is no τ and no scaling: TAG-RMSProp is RMSProp
+(`torch.optim.RMSprop`'s update) and TAG-Adam is Adam.
 
-What is kept from the paper: per-task moments, the normalised stored first moments, α = exp(−b·cos) over earlier
-tasks' second moments, both variants. What changes: decoupled weight decay (as the AdamW every other method trains
-with), and the cosine is computed per parameter tensor on the device without any host synchronisation per step.
+What is kept from the paper and its authors' code (pranshu28/TAG, `tag_update.py`): per-task moments, the normalised
+stored first moments, α = exp(−b·cos) over every task's second moment with exp(−b) on the current task's, both
+variants with their β2 (0.999 for TAG-Adam, 0.99 for TAG-RMSProp). What changes: decoupled weight decay (as the
+AdamW every other method trains with), Adam's bias correction counted per task (the authors' code restarts it every
+epoch and applies the current one to the stored moments too), and the cosine is computed per parameter tensor on
+the device without any host synchronisation per step.
 The network, heads, batches and schedule are the other baselines' (`SharedEncoderStrategy`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -102,9 +108,10 @@ class TAGOptimizer(torch.optim.Optimizer):
                 else:
                     direction, second = grad, v
                 stored = self.memory.get(param)
-                if stored is not None:
+                if stored is not None:  # a later task: α_t = exp(−b) on its own moment, α_τ on each earlier one's
                     alpha = self.relatedness(m, stored["m"], group["b"])  # (τ,)
-                    second = second + (alpha @ stored["v"].flatten(1)).view_as(param)
+                    earlier = (alpha @ stored["v"].flatten(1)).view_as(param)
+                    second = earlier.add_(second, alpha=math.exp(-group["b"]))
                 if group["weight_decay"]:
                     param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.addcdiv_(direction, second.sqrt().add_(group["eps"]), value=-group["lr"])
@@ -145,13 +152,13 @@ class TAGConfig:
     b: relatedness temperature of α = exp(−b·cos) (the paper searches 1 to 7).
     variant: "adam" (TAG-Adam) or "rmsprop" (TAG-RMSProp).
     beta1: first-moment EMA factor.
-    beta2: second-moment EMA factor.
+    beta2: second-moment EMA factor (default: the authors', 0.999 for TAG-Adam and 0.99 for TAG-RMSProp).
     """
 
     b: float = 5.0
     variant: str = "adam"
     beta1: float = 0.9
-    beta2: float = 0.999
+    beta2: float | None = None
 
 
 class TAGStrategy(SharedEncoderStrategy):
@@ -165,11 +172,18 @@ class TAGStrategy(SharedEncoderStrategy):
         super().__init__(model_config, config)
         self.optimizer: TAGOptimizer | None = None
 
+    @property
+    def beta2(self) -> float:
+        """The second-moment factor: `TAGConfig.beta2`, or the authors' default for the variant."""
+        if self.config.beta2 is not None:
+            return self.config.beta2
+        return 0.999 if self.config.variant == "adam" else 0.99
+
     def make_optimizer(self, parameter_groups: list[dict[str, Any]], learning_rate: float) -> torch.optim.Optimizer:
         config = self.config
         memory = self.optimizer.memory if self.optimizer is not None else None
         self.optimizer = TAGOptimizer(
-            parameter_groups, lr=learning_rate, b=config.b, betas=(config.beta1, config.beta2),
+            parameter_groups, lr=learning_rate, b=config.b, betas=(config.beta1, self.beta2),
             variant=config.variant, memory=memory,
         )
         return self.optimizer
