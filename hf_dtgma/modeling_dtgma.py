@@ -1198,14 +1198,16 @@ class DTGMAModel(DTGMAPreTrainedModel):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         if task_ids is None:
             raise ValueError("`labels` need `task_ids`: the loss is computed within each row's task.")
-        labels = labels.to(logits.device).long()
+        labels = torch.as_tensor(labels, device=logits.device)
         counts = torch.tensor([len(task["labels"]) for task in self.config.tasks], device=logits.device)
-        if labels.shape != task_ids.shape or bool(((labels < 0) | (labels >= counts[task_ids])).any()):
+        integral = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
+        if not integral or labels.shape != task_ids.shape or bool(((labels < 0) | (labels >= counts[task_ids])).any()):
             raise ValueError(
                 f"`labels` must be a ({task_ids.shape[0]},) tensor of label indices within each row's task "
-                f"(task label counts: {dict(zip(self.tasks, counts.tolist()))}); got {labels.tolist()}."
+                f"(task label counts: {dict(zip(self.tasks, counts.tolist()))}); got {labels.tolist()} "
+                f"({labels.dtype})."
             )
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels.long())
 
     def _check_inputs(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None

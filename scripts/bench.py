@@ -65,6 +65,7 @@ from hf_dtgma.data import load_clinc150
 from hf_dtgma.features import cache_features
 from hf_dtgma.files import write_json_atomic, write_text_atomic
 from hf_dtgma.modeling_dtgma import task_graph_mask
+from hf_dtgma.training.cli import at_least
 
 REFERENCE_PER_TASK = 1_577_472  # full per-task Q, K, V, O and FFN at hidden 256, 2 layers: the DTG-MA reference code
 LATENCY_TASKS = (5, 20, 50)
@@ -689,21 +690,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="CLINC150 folder (data_full.json), for measurements 1-3")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/bench"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (medians reported)")
+    parser.add_argument(
+        "--repeats", type=at_least(1), default=5, help="timed repeats per measurement (medians reported)"
+    )
     parser.add_argument(
         "--only", type=parse_only, default=None, help="e.g. 4,5,6 (default: 1-8, and 9 on a GPU or with --quick)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny random models and synthetic data (seconds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, float32 on CPU")
-    parser.add_argument("--epochs", type=int, default=None, help="measurement 1: epochs per task (default 20)")
-    parser.add_argument("--num-tasks", type=int, default=None, help="measurement 1: the first N domains (default 10)")
+    parser.add_argument("--epochs", type=at_least(1), default=None, help="measurement 1: epochs per task (default 20)")
+    parser.add_argument(
+        "--num-tasks", type=at_least(1), default=None, help="measurement 1: the first N domains (default 10)"
+    )
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1.")
-    for flag, value in (("--epochs", args.epochs), ("--num-tasks", args.num_tasks)):
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}.")
     if (args.epochs or args.num_tasks) and args.only is not None and 1 not in args.only:
         parser.error("--epochs and --num-tasks set measurement 1, which --only leaves out: add 1 or drop them.")
     if args.quick and args.data_dir:

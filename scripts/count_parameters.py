@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.files import write_json_atomic, write_text_atomic
+from hf_dtgma.training.cli import at_least
 
 # Full per-task Q, K, V, O (256×256 + bias each) and FFN (256→1024→256) in 2 layers: the DTG-MA reference code.
 REFERENCE_PER_TASK = 1_577_472
@@ -42,13 +43,15 @@ def count(mode: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input-dim", type=int, default=384, help="backbone feature width (384: all-MiniLM-L6-v2)")
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--task-rank", type=int, default=8)
-    parser.add_argument("--num-labels", type=int, default=2, help="labels per task (binary domains: 2)")
-    parser.add_argument("--tasks", type=int, default=8, help="also report the total after this many tasks")
+    parser.add_argument(
+        "--input-dim", type=at_least(1), default=384, help="backbone feature width (384: all-MiniLM-L6-v2)"
+    )
+    parser.add_argument("--hidden-size", type=at_least(1), default=256)
+    parser.add_argument("--num-layers", type=at_least(1), default=2)
+    parser.add_argument("--num-heads", type=at_least(1), default=4)
+    parser.add_argument("--task-rank", type=at_least(1), default=8)
+    parser.add_argument("--num-labels", type=at_least(1), default=2, help="labels per task (binary domains: 2)")
+    parser.add_argument("--tasks", type=at_least(1), default=8, help="also report the total after this many tasks")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/parameters"))
     args = parser.parse_args()
 

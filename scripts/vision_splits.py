@@ -95,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--benchmark", choices=VISION_BENCHMARKS, default="split_fashion_mnist")
     data.add_argument("--data-dir", default=None, help="local copy (see hf_dtgma/data/vision.py); default: the Hub")
     data.add_argument(
-        "--num-tasks", type=int, default=None, help="train only the first N tasks (omniglot: 10 unless given)"
+        "--num-tasks", type=at_least(1), default=None, help="train only the first N tasks (omniglot: 10 unless given)"
     )
-    data.add_argument("--split-seed", type=int, default=0, help="seed of the splits a loader carves (not the run's)")
+    data.add_argument(
+        "--split-seed", type=at_least(0), default=0, help="seed of the splits a loader carves (not the run's)"
+    )
     data.add_argument(
         "--validation-fraction", type=float, default=None,
         help="share of each class of train held out (default 0.1; not omniglot, which splits by drawer)",

@@ -124,7 +124,7 @@ def test_a_device_torch_cannot_use_is_a_clear_error(capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    [(["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
      (["--only", "4", "--num-tasks", "3"], "--epochs and --num-tasks set measurement 1, which --only leaves out"),
      (["--quick", "--data-dir", "clinc150"], "--quick runs on synthetic data and reads no --data-dir")],
 )

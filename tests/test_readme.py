@@ -77,7 +77,8 @@ def local_qwen(tmp_path) -> str:
     return str(tmp_path / "qwen")
 
 
-def test_raw_input_and_image_examples_run_with_the_shapes_they_state(local_qwen):
+def test_raw_input_and_image_examples_run_with_the_shapes_they_state(local_qwen, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quick start saves folders
     namespace: dict = {}
     run_block(python_block("import torch\nfrom hf_dtgma import"), namespace)  # the names these blocks use
     raw = python_block("from hf_dtgma.backbones import TextBackbone, PatchEmbedder")

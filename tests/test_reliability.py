@@ -1,5 +1,6 @@
 """Reliability (issue 11): bad input gets a clear error, interruptions lose nothing, only safetensors and JSON load."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -178,6 +179,17 @@ BAD_INPUTS = [
     case("label-outside-in-forward",
          lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=0, labels=torch.tensor([0, 2])),
          ValueError, "label indices within each row's task"),
+    case("float-labels-in-forward",
+         lambda tmp: two_tasks()(inputs_embeds=features(), task_ids=0, labels=torch.tensor([0.5, 1.5])),
+         ValueError, r"label indices within each row's task .* got \[0.5, 1.5\] \(torch.float32\)"),
+    case("float-labels-in-the-task-list", lambda tmp: fit([task(train=split(labels=(0.0, 1.0, 0.5, 0.7)))], tmp),
+         ValueError, r"Task 't', train split: `label` holds float\d+ values, e.g. \[0.0, 1.0, 0.5\]: it must hold "
+         r"whole-number indices 0..1"),
+    case("label-names-in-the-task-list",
+         lambda tmp: fit([task(train=split().remove_columns("label").add_column("label", ["no", "yes"] * 2))], tmp),
+         ValueError, r"`label` holds <U3 values, e.g. \['no', 'yes', 'no'\]: .*map label names to their index"),
+    case("negative-seed", lambda tmp: ContinualTrainingConfig(output_dir=str(tmp), seed=-1),
+         ValueError, r"`seed` must be a whole number in \[0, 2\*\*31\), got -1"),
     case("label-outside-in-the-task-list",
          lambda tmp: fit([task("a"), task("b", validation=split(labels=(0, 1, 2)))], tmp),
          ValueError, r"Task 'b', validation split: labels \[2\] are outside the task's label set"),
@@ -368,6 +380,20 @@ def test_resuming_from_a_truncated_checkpoint_fails_clearly_and_changes_nothing(
     with pytest.raises(ValueError, match=f"{message}.*the checkpoint is damaged"):
         trainer = ContinualTrainer(new_model(), training_config(folder))
         trainer.fit(synthetic_tasks(num_tasks=2, sizes=(8, 4, 4)), resume=True)
+    assert snapshot(folder) == before
+
+
+def test_an_overwrite_refused_for_a_model_with_tasks_leaves_the_previous_run_in_place(one_task_checkpoint, tmp_path):
+    """`overwrite_output_dir` deletes the previous run only once the new one is sure to start: a model that already
+    has tasks is refused first (it used to be refused after the deletion)."""
+    folder = tmp_path / "run"
+    shutil.copytree(one_task_checkpoint, folder)
+    before = snapshot(folder)
+    model = new_model()
+    model.add_task("old", labels=["no", "yes"])
+    config = dataclasses.replace(training_config(folder), overwrite_output_dir=True)
+    with pytest.raises(ValueError, match=r"The model already has tasks \['old'\]"):
+        ContinualTrainer(model, config).fit(synthetic_tasks(num_tasks=1, sizes=(8, 4, 4)))
     assert snapshot(folder) == before
 
 

@@ -104,7 +104,7 @@ def add_training_arguments(
         "--label-smoothing", type=float, default=None,
         help="share of each training target spread over the task's other labels (default: the script's, else 0)",
     )
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=at_least(0), default=0)
     training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     training.add_argument(
         "--cpu", action="store_true",

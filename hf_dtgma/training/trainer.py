@@ -136,6 +136,8 @@ class ContinualTrainingConfig:
             raise ValueError(f"`evaluation_split` must be 'test' or 'validation', got {self.evaluation_split!r}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r} (0.1 is usual).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**31:
+            raise ValueError(f"`seed` must be a whole number in [0, 2**31), got {self.seed!r}.")
 
 
 # What a run's tasks and routing thresholds add to a `DTGMAConfig`: the rest is fixed when the run starts.
@@ -257,6 +259,13 @@ def check_tasks(tasks: list[ContinualTask]) -> None:
                 )
             # [:]: one read, not row by row
             values = np.asarray(data.with_format("numpy", columns=["label"])[:]["label"])
+            if not np.issubdtype(values.dtype, np.integer):
+                kind = "missing or mixed" if values.dtype == object else str(values.dtype)
+                raise ValueError(
+                    f"{where}: `label` holds {kind} values, e.g. {values[:3].tolist()}: it must hold whole-number "
+                    f"indices 0..{len(labels) - 1} into {labels} (map label names to their index; drop unlabelled "
+                    "rows)."
+                )
             outside = sorted(set(values[(values < 0) | (values >= len(labels))].tolist()))
             if outside:
                 raise ValueError(
@@ -348,6 +357,8 @@ class ContinualTrainer:
                 "(--overwrite-output-dir: start it over), not both."
             )
         self._tasks = tasks
+        if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:  # before anything is discarded
+            raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
         if not resume and self._holds_a_run():
             if not self.config.overwrite_output_dir:
                 raise ValueError(
@@ -357,8 +368,6 @@ class ContinualTrainer:
                 )
             self._discard_previous_run()
         state = self._resume(tasks) if resume else _RunState(training=_training_settings(self.config))
-        if not resume and isinstance(self.model, DTGMAModel) and self.model.tasks:
-            raise ValueError(f"The model already has tasks {self.model.tasks}; start from a model without tasks.")
         self._remove_interrupted_writes()
         self.strategy.label_smoothing = self.config.label_smoothing
         accelerator = self.accelerator
