@@ -45,8 +45,7 @@ from hf_dtgma.data.vision import VISION_BENCHMARKS
 from hf_dtgma.files import write_json_atomic, write_text_atomic
 from hf_dtgma.modeling_dtgma import atomic_path
 from hf_dtgma.strategies import STRATEGIES
-from hf_dtgma.training.cli import make_run_accelerator, model_config, train_continually
-from hf_dtgma.training.trainer import OUTCOME_NEUTRAL_TRAINING
+from hf_dtgma.training.cli import RUN_NEUTRAL_FLAGS, make_run_accelerator, model_config, run_flags, train_continually
 
 # Methods' hyperparameters chosen on validation splits (first three tasks, seed 0; grids in the README). Methods and
 # benchmarks not listed use the dataclass defaults of their strategy.
@@ -175,14 +174,14 @@ def variants(args, method: str) -> list[tuple[str, dict]]:
 # The run flags that leave a result unchanged: the trainer's (output folder, evaluation batch size, logging, the
 # device flag, overwriting), how a run restarts, the feature pass's batch size and cache folder. The seed is its own
 # entry.
-OUTCOME_NEUTRAL_FLAGS = {*OUTCOME_NEUTRAL_TRAINING, "resume", "feature_batch_size", "cache_dir", "seed"}
+OUTCOME_NEUTRAL_FLAGS = {*RUN_NEUTRAL_FLAGS, "seed"}
 
 
 def run_settings(args, run_args, config: DTGMAConfig, method: str, seed: int, hyperparameters: dict) -> dict:
     """What determines a run's result: a finished run is reused only when these match. That is every flag of the run
     but `OUTCOME_NEUTRAL_FLAGS`, and the backbone actually used (`config.backbone`: the embedded encoder where the
     default could not be loaded). Returned as it reads back from JSON, so that it compares equal to a saved copy."""
-    flags = {name: value for name, value in sorted(vars(run_args).items()) if name not in OUTCOME_NEUTRAL_FLAGS}
+    flags = {name: value for name, value in run_flags(run_args).items() if name not in OUTCOME_NEUTRAL_FLAGS}
     return json.loads(json.dumps({
         "benchmark": args.benchmark, "method": method, "seed": seed, "flags": flags, "backbone": config.backbone,
         "hyperparameters": hyperparameters, "class_incremental": True,  # runs from before class-IL evaluation rerun

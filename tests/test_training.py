@@ -135,6 +135,27 @@ def test_resume_with_other_training_settings_is_refused(tmp_path):
     assert len(results["task_il"]["accuracy_matrix"]) == 3
 
 
+def test_resume_with_other_run_settings_is_refused_and_a_resume_from_nothing_records_them(tmp_path):
+    """`run_settings` carry what the trainer cannot see (a script's data and backbone flags: `run_flags`). Resuming
+    with another `--max-length` used to re-evaluate finished tasks on other features, as forgetting."""
+    settings = {"max_length": 128, "split_seed": 0, "data_dir": "data"}
+    with pytest.warns(UserWarning, match="Nothing to resume"):  # a run started with --resume records them too
+        ContinualTrainer(new_model(), training_config(tmp_path / "run")).fit(
+            synthetic_tasks(num_tasks=2), resume=True, run_settings=settings
+        )
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["run_settings"] == settings and state["training"]["learning_rate"] == 3e-3
+    shorter = {**settings, "max_length": 4, "split_seed": 7}
+    with pytest.raises(ValueError, match=r"other run settings than this run's: max_length: 128 → 4; split_seed: 0 → 7"):
+        ContinualTrainer(new_model(), training_config(tmp_path / "run")).fit(
+            synthetic_tasks(), resume=True, run_settings=shorter
+        )
+    results = ContinualTrainer(new_model(), training_config(tmp_path / "run")).fit(
+        synthetic_tasks(), resume=True, run_settings=dict(reversed(settings.items()))  # the same, in another order
+    )
+    assert len(results["task_il"]["accuracy_matrix"]) == 3
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path):
     config = replace(training_config(tmp_path / "run"), overwrite_output_dir=True)
     with pytest.raises(ValueError, match="either resume .* or overwrite_output_dir .*, not both"):

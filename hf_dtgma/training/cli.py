@@ -4,6 +4,7 @@ flags, the Accelerator, one run of the continual trainer, and writing its output
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -16,7 +17,13 @@ from accelerate import Accelerator
 from ..configuration_dtgma import HEAD_INPUTS, ROUTERS, DTGMAConfig
 from ..strategies import build_strategy
 from .reporting import write_run_outputs
-from .trainer import ContinualTask, ContinualTrainer, ContinualTrainingConfig, make_accelerator
+from .trainer import (
+    OUTCOME_NEUTRAL_TRAINING,
+    ContinualTask,
+    ContinualTrainer,
+    ContinualTrainingConfig,
+    make_accelerator,
+)
 
 
 def at_least(bound: float, kind: type = int, exclusive: bool = False) -> Callable[[str], float]:
@@ -139,6 +146,21 @@ def make_run_accelerator(args: argparse.Namespace) -> Accelerator:
     )
 
 
+# Flags that change no result: a resumed run may change them, and compare.py reuses a finished run across them.
+RUN_NEUTRAL_FLAGS = {*OUTCOME_NEUTRAL_TRAINING, "resume", "feature_batch_size", "cache_dir"}
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag of a run that may change its results (all but `RUN_NEUTRAL_FLAGS`), as it reads back from JSON.
+
+    Example:
+        >>> run_flags(argparse.Namespace(max_length=128, cache_dir="/tmp/cache", data_dir="data", resume=True))
+        {'data_dir': 'data', 'max_length': 128}
+    """
+    flags = {name: value for name, value in sorted(vars(args).items()) if name not in RUN_NEUTRAL_FLAGS}
+    return json.loads(json.dumps(flags, default=str))
+
+
 def train_continually(
     args: argparse.Namespace,
     config: DTGMAConfig,
@@ -163,7 +185,7 @@ def train_continually(
         ),
         accelerator=accelerator,
     )
-    return trainer, trainer.fit(tasks, resume=args.resume)
+    return trainer, trainer.fit(tasks, resume=args.resume, run_settings=run_flags(args))
 
 
 def finish_run(

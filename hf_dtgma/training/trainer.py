@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import numbers
 import os
@@ -296,6 +297,7 @@ class _RunState:
     class_il_matrix: list[list[float]] = field(default_factory=list)
     task_identification: list[float] = field(default_factory=list)  # after each task, over all seen tasks
     training: dict[str, Any] = field(default_factory=dict)  # `_training_settings` of the run (empty: older runs)
+    run_settings: dict[str, Any] = field(default_factory=dict)  # `fit(run_settings=...)` (empty: none, older runs)
 
 
 class ContinualTrainer:
@@ -339,14 +341,19 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ public
 
-    def fit(self, tasks: list[ContinualTask], resume: bool = False) -> dict:
+    def fit(
+        self, tasks: list[ContinualTask], resume: bool = False, run_settings: dict[str, Any] | None = None
+    ) -> dict:
         """Train `tasks` in order and return the results (metrics, validation accuracy, timings, parameters).
 
         With `resume=True`, continue after the last finished task of the checkpoint in `output_dir` (a task that was
-        unfinished restarts from its beginning). Raises `ValueError` for bad tasks (`check_tasks`) or an unreadable
-        checkpoint, `TrainingDivergedError` when the loss becomes NaN or inf, `torch.OutOfMemoryError` naming the
-        batch size to lower. On the CPU, subnormal floats are flushed to zero while tasks train and evaluate
-        (`flush_denormals`).
+        unfinished restarts from its beginning). `run_settings` (JSON values): whatever else fixes the results, such
+        as a script's data and backbone flags (`hf_dtgma.training.cli.run_flags`); every checkpoint records them,
+        and resuming with other model, training or run settings is refused, naming what differs.
+
+        Raises `ValueError` for bad tasks (`check_tasks`) or an unreadable checkpoint, `TrainingDivergedError` when
+        the loss becomes NaN or inf, `torch.OutOfMemoryError` naming the batch size to lower. On the CPU, subnormal
+        floats are flushed to zero while tasks train and evaluate (`flush_denormals`).
         """
         check_tasks(tasks)
         if resume and not self.strategy.supports_checkpoints:
@@ -367,7 +374,10 @@ class ContinualTrainer:
                     "or pick a new --output-dir."
                 )
             self._discard_previous_run()
-        state = self._resume(tasks) if resume else _RunState(training=_training_settings(self.config))
+        new_state = _RunState(
+            training=_training_settings(self.config), run_settings=json.loads(json.dumps(run_settings or {}))
+        )
+        state = self._resume(tasks, new_state) if resume else new_state
         self._remove_interrupted_writes()
         self.strategy.label_smoothing = self.config.label_smoothing
         accelerator = self.accelerator
@@ -651,15 +661,16 @@ class ContinualTrainer:
             raise ValueError(f"{pointer} does not name a checkpoint ({content!r}): {_DAMAGED_CHECKPOINT}")
         return self.output_dir / content["checkpoint"]
 
-    def _resume(self, tasks: list[ContinualTask]) -> _RunState:
-        """The state of the latest checkpoint, with its model loaded as the strategy; a missing, truncated or
-        corrupted checkpoint is a `ValueError` (nothing on disk changes)."""
+    def _resume(self, tasks: list[ContinualTask], new_state: _RunState) -> _RunState:
+        """The state of the latest checkpoint, with its model loaded as the strategy (`new_state`, this run's
+        settings, when there is none); a missing, truncated or corrupted checkpoint, or one trained with other
+        settings than `new_state`'s, is a `ValueError` (nothing on disk changes)."""
         checkpoint = self._latest_checkpoint()
         if checkpoint is None:
             warnings.warn(
                 f"Nothing to resume in {self.output_dir} (no {CHECKPOINT_POINTER}): starting from the first task."
             )
-            return _RunState()
+            return new_state
         try:
             state = _RunState(**read_json(checkpoint / STATE_NAME, _DAMAGED_CHECKPOINT))
         except TypeError as error:  # fields of another version
@@ -676,17 +687,19 @@ class ContinualTrainer:
             model = type(self.model).from_pretrained(checkpoint / "model")
         except (OSError, ValueError) as error:
             raise ValueError(f"Cannot resume from {checkpoint}: {error} {_DAMAGED_CHECKPOINT}") from error
-        wanted = _training_settings(self.config)
-        changed = [
-            f"{name}: {state.training[name]!r} → {wanted.get(name)!r}"
-            for name in state.training if state.training[name] != wanted.get(name)
-        ]
-        if changed:
-            raise ValueError(
-                f"The checkpoint in {self.output_dir} was trained with other training settings than this run's: "
-                f"{'; '.join(changed)}. A resumed run must train as the interrupted one did: resume with the flags "
-                "it was started with, start over with --overwrite-output-dir, or use a new --output-dir."
-            )
+        for kind, saved, wanted in (
+            ("training", state.training, new_state.training), ("run", state.run_settings, new_state.run_settings)
+        ):
+            changed = [
+                f"{name}: {value!r} → {wanted.get(name)!r}"
+                for name, value in saved.items() if value != wanted.get(name)
+            ]
+            if changed:
+                raise ValueError(
+                    f"The checkpoint in {self.output_dir} was trained with other {kind} settings than this run's: "
+                    f"{'; '.join(changed)}. A resumed run must train as the interrupted one did: resume with the "
+                    "flags it was started with, start over with --overwrite-output-dir, or use a new --output-dir."
+                )
         changed = _changed_settings(model.config, self.model.config)
         if changed:
             raise ValueError(
