@@ -1450,6 +1450,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
         staging.mkdir()
         try:
             super().save_pretrained(staging, *args, **kwargs)
+            for path in staging.rglob("*"):  # safetensors writes its files private (0o600)
+                use_default_permissions(path)
             if not save_directory.exists():
                 os.replace(staging, save_directory)
                 return
@@ -1501,10 +1503,13 @@ class atomic_path:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        try:
+            if exc_type is None:
+                use_default_permissions(self.tmp)  # again: a writer may have made the file anew (safetensors: 0o600)
+                os.replace(self.tmp, self.target)
+        finally:
+            if os.path.exists(self.tmp):  # the block or the rename failed: no temporary file stays behind
+                os.remove(self.tmp)
 
 
 def is_hub_repo_id(source: str | os.PathLike) -> bool:

@@ -30,7 +30,7 @@ from hf_dtgma.batches import batch_loader
 from hf_dtgma.data.vision import load_split_cifar100
 from hf_dtgma.errors import TrainingDivergedError, explain_out_of_memory
 from hf_dtgma.features import cache_features
-from hf_dtgma.modeling_dtgma import PatchEmbedder, task_graph_mask
+from hf_dtgma.modeling_dtgma import PatchEmbedder, atomic_path, task_graph_mask
 from hf_dtgma.strategies.dtgma import DTGMAStrategy
 from hf_dtgma.training import ContinualTask, ContinualTrainer, ContinualTrainingConfig
 from hf_dtgma.training.trainer import SPLITS
@@ -398,6 +398,14 @@ def test_an_overwrite_refused_for_a_model_with_tasks_leaves_the_previous_run_in_
 
 
 # ------------------------------------------------------------------------------- atomic writes
+
+
+def test_a_failed_rename_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "adapter_config.json").mkdir()  # what the file would replace is a folder: the rename fails
+    with pytest.raises(OSError):
+        with atomic_path(tmp_path / "adapter_config.json") as tmp:
+            Path(tmp).write_text("{}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter_config.json"]
 
 
 def write_half_then_crash(original):

@@ -83,16 +83,19 @@ def test_a_run_clears_only_its_own_interrupted_writes_and_saves_with_the_usual_p
     (out / ".checkpoint-1.x1y2z3.hf_dtgma.tmp").mkdir()  # ... and a killed checkpoint write
     previous = os.umask(0o022)
     try:
-        run(out)
+        _, trainer = run(out)
+        trainer.model.save_task("task1", out / "task1")
+        trainer.model.save_pretrained(checkpoint := out / "checkpoint-3")  # again, into the existing folder
     finally:
         os.umask(previous)
     assert (out / "mine" / ".editor.tmp").is_dir() and (out / "mine" / ".draft.tmp").read_text() == "keep"
     assert (out / ".notes.tmp").read_text() == (out / ".notes.20240612.tmp").read_text() == "keep"
     assert not [path.name for path in out.iterdir() if path.name.endswith(".hf_dtgma.tmp")]
-    checkpoint = out / "checkpoint-3"
     assert checkpoint.stat().st_mode & 0o777 == 0o755  # not tempfile's private 0o700 / 0o600
     for path in (
-        out / "latest_checkpoint.json", checkpoint / "trainer_state.json", checkpoint / "model" / "config.json"
+        out / "latest_checkpoint.json", checkpoint / "trainer_state.json", checkpoint / "model" / "config.json",
+        checkpoint / "model" / "model.safetensors", checkpoint / "model.safetensors",  # safetensors writes 0o600
+        out / "task1" / "adapter_model.safetensors", out / "task1" / "adapter_config.json",
     ):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
