@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import unicodedata
@@ -1456,7 +1457,13 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 os.replace(staging, save_directory)
                 return
             written = [path for path in staging.rglob("*") if path.is_file()]
+            stale = {path for path in save_directory.iterdir() if _WEIGHT_FILE.fullmatch(path.name)} - {
+                save_directory / path.relative_to(staging) for path in written
+            }
             for path in sorted(written, key=lambda p: p.name == CONFIG_NAME):  # config.json last
+                if path.name == CONFIG_NAME:  # an earlier save's weights that this one did not write would load
+                    for old in stale:  # in its place (a single file shadows a sharded save): remove them first
+                        old.unlink()
                 target = save_directory / path.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, target)
@@ -1464,6 +1471,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+# The weight files of a `save_pretrained`, single or sharded, safetensors or pickle: a later save removes those it
+# does not write itself, as transformers does in the folder it saves to.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 TEMPORARY_SUFFIX = ".hf_dtgma.tmp"  # every temporary name this library writes ends so (and nothing else it deletes)
 _UMASK_AT_IMPORT = os.umask(0o022)
 os.umask(_UMASK_AT_IMPORT)

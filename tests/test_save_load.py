@@ -125,3 +125,30 @@ def test_config_round_trip_keeps_task_settings():
     again = DTGMAConfig.from_dict(config.to_dict())
     assert again.adapter_shape_config() == config.adapter_shape_config()
     assert again.intermediate_size == 64
+
+
+@pytest.mark.parametrize(
+    "first, second", [(None, "2KB"), ("2KB", None)], ids=["single-then-sharded", "sharded-then-single"]
+)
+def test_a_save_into_a_saved_folder_leaves_no_weights_of_the_earlier_save(tmp_path, first, second):
+    """The earlier save's weight files that a new save does not write are removed: a single `model.safetensors` left
+    beside a new sharded save used to load in its place, with the new config."""
+    old, new = make_model(seed=0), make_model(seed=1)
+    for model in (old, new):
+        model.add_task("sentiment", labels=["positive", "negative"])
+    new.add_task("topic", labels=["finance", "science"])
+    folder = tmp_path / "model"
+    old.save_pretrained(folder, **({"max_shard_size": first} if first else {}))
+    (folder / "notes.md").write_text("mine")  # not a weight file: kept
+    new.save_pretrained(folder, **({"max_shard_size": second} if second else {}))
+    names = sorted(path.name for path in folder.iterdir())
+    sharded = [name for name in names if name.startswith("model-")]
+    assert ("model.safetensors" in names) == (second is None) and bool(sharded) == (second is not None)
+    assert ("model.safetensors.index.json" in names) == (second is not None) and "notes.md" in names
+    loaded = DTGMAModel.from_pretrained(folder)
+    features, mask = make_features()
+    for task in new.tasks:
+        assert torch.equal(
+            loaded(inputs_embeds=features, attention_mask=mask, task_ids=task).logits,
+            new.eval()(inputs_embeds=features, attention_mask=mask, task_ids=task).logits,
+        )
