@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -1297,15 +1297,18 @@ class DTGMAModel(DTGMAPreTrainedModel):
     def save_task(self, name: str, save_directory: str | os.PathLike) -> Path:
         """Save task `name` alone: `adapter_model.safetensors` (its tensors) + `adapter_config.json` (metadata).
 
-        Both files are written to temporary names and renamed, so an interrupted save never leaves a half file.
+        Both files are written to temporary names and renamed, so an interrupted save never leaves a half file; both
+        carry the same random `save_id`, so `load_task` refuses the pair an interruption between the two renames
+        leaves (the new weights beside the previous save's metadata).
         """
         adapter = self.task_adapters[self.task_index(name)]
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.state_dict().items()}
-        metadata = self.adapter_metadata(name)
+        save_id = uuid.uuid4().hex
+        metadata = {**self.adapter_metadata(name), "save_id": save_id}
         with atomic_path(save_directory / ADAPTER_WEIGHTS_NAME) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt", "task": name, "library": "hf_dtgma"})
+            save_file(tensors, tmp, metadata={"format": "pt", "task": name, "library": "hf_dtgma", "save_id": save_id})
         with atomic_path(save_directory / ADAPTER_CONFIG_NAME) as tmp:
             Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n")
         return save_directory
@@ -1353,16 +1356,33 @@ class DTGMAModel(DTGMAPreTrainedModel):
             metadata = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{config_path} is not valid JSON ({error}); the adapter is corrupted.") from error
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{config_path} holds a JSON {type(metadata).__name__}, not an adapter config (an object)")
         if metadata.get("library") != "hf_dtgma" or metadata.get("format_version") != ADAPTER_FORMAT_VERSION:
             raise ValueError(
                 f"{config_path} is not an hf_dtgma adapter of format version {ADAPTER_FORMAT_VERSION} "
                 f"(library={metadata.get('library')!r}, format_version={metadata.get('format_version')!r})."
             )
+        missing = [key for key in ("task", "labels") if key not in metadata]
+        if missing or not isinstance(metadata["task"], str):
+            raise ValueError(
+                f"{config_path} lacks a task name and labels ({missing or ['task']}): the adapter config is damaged; "
+                "save the task again."
+            )
         self._check_adapter_compatible(metadata, where)
         try:
             tensors = load_file(weights_path)
+            with safe_open(weights_path, "pt") as weights:
+                saved_with = (weights.metadata() or {}).get("save_id")
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{weights_path} could not be read ({error}); the adapter file is corrupted.") from error
+        if saved_with is not None and metadata.get("save_id") is not None and saved_with != metadata["save_id"]:
+            raise ValueError(
+                f"{weights_path} and {config_path} come from two different saves (a save_task interrupted between "
+                "its two files?): save the task again."
+            )
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values()):
+            raise ValueError(f"{weights_path} holds NaN or inf values: the adapter is damaged; save the task again.")
 
         labels = self._check_labels(metadata["task"], metadata["labels"])
         expected = DTGMATaskAdapter(self.config, len(labels)).state_dict()

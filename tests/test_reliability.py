@@ -19,6 +19,8 @@ import torch
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import DIM, INPUT_DIM, make_model, synthetic_tasks, tiny_qwen
 from test_main_job import ROOT, write_csv
@@ -325,9 +327,51 @@ def test_truncated_adapter_and_model_files_fail_clearly_and_leave_every_other_fi
     assert snapshot(saved) == before  # same files, same bytes: the truncated ones are not rewritten either
 
 
+def edit_adapter_config(folder: Path, edit) -> None:
+    path = folder / "topic" / "adapter_config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def weights_of_another_save(folder: Path) -> None:
+    """The topic adapter's weights replaced by another task's of the same shapes, as a `save_task` interrupted
+    between its two files leaves them (new weights, the earlier save's metadata)."""
+    model = make_model()
+    model.add_task("sentiment", labels=["pos", "neg"])
+    model.add_task("spam", labels=["ham", "spam"])
+    model.save_task("spam", folder / "spam")
+    shutil.move(folder / "spam" / "adapter_model.safetensors", folder / "topic" / "adapter_model.safetensors")
+    shutil.rmtree(folder / "spam")
+
+
+def poison_adapter_weights(folder: Path) -> None:
+    path = folder / "topic" / "adapter_model.safetensors"
+    with safe_open(path, "pt") as weights:
+        metadata, tensors = weights.metadata(), {key: weights.get_tensor(key) for key in weights.keys()}
+    next(iter(tensors.values()))[0] = float("nan")
+    save_file(tensors, path, metadata=metadata)
+
+
 @pytest.mark.parametrize(
     "damage, load, message",
     [
+        pytest.param(
+            lambda folder: edit_adapter_config(folder, lambda config: {k: v for k, v in config.items() if k != "task"}),
+            lambda folder: make_model().load_task(folder / "topic"),
+            r"lacks a task name and labels \(\['task'\]\): the adapter config is damaged", id="adapter-config-no-task",
+        ),
+        pytest.param(
+            lambda folder: edit_adapter_config(folder, lambda config: [config]),
+            lambda folder: make_model().load_task(folder / "topic"), "holds a JSON list, not an adapter config",
+            id="adapter-config-a-list",
+        ),
+        pytest.param(
+            weights_of_another_save, lambda folder: make_model().load_task(folder / "topic"),
+            "come from two different saves", id="adapter-weights-of-another-save",
+        ),
+        pytest.param(
+            poison_adapter_weights, lambda folder: make_model().load_task(folder / "topic"),
+            "holds NaN or inf values: the adapter is damaged", id="adapter-weights-nan",
+        ),
         pytest.param(
             lambda folder: None, lambda folder: make_model(seed=1).load_task(folder / "topic"),
             "saved from a model of another shape|other shared weights", id="adapter-from-another-base",
