@@ -882,6 +882,13 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 "output_hidden_states=True, output_attentions=True)`, or pass the inputs."
             )
         stream = input_stream
+        layers_shape = (len(self.layers), self.config.num_heads, self.config.hidden_size // self.config.num_heads)
+        if (len(stream.keys), *stream.keys[0].shape[1::2]) != layers_shape:
+            raise ValueError(
+                f"This `input_stream` comes from another model ({len(stream.keys)} layers of keys with "
+                f"{tuple(stream.keys[0].shape[1::2])} heads × head size, this model's: {layers_shape[0]} layers of "
+                f"{layers_shape[1:]}): compute it with this model's `input_stream`."
+            )
         batch = len(stream)
         task_ids, single_task = self._check_task_ids(task_ids, batch, stream.pooled.device)
         # A batch of one task reads that task's tensors directly (no stacking, no per-row gathering).
@@ -1114,6 +1121,16 @@ class DTGMAModel(DTGMAPreTrainedModel):
         [{'task': 'banking', 'label': 'balance', 'score': 0.41, 'rejected': False}, ...]
         ```
         """
+        given = {
+            "texts": texts, "inputs_embeds": inputs_embeds, "input_ids": input_ids, "pixel_values": pixel_values,
+            "input_stream": input_stream,
+        }
+        given = [name for name, value in given.items() if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "Pass exactly one of `texts`, `inputs_embeds`, `input_ids`, `pixel_values` or `input_stream`; got "
+                f"{given or 'none'}."
+            )
         if texts is not None:
             if isinstance(texts, str):
                 texts = [texts]
@@ -1225,6 +1242,11 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 f"Feature width {inputs_embeds.shape[-1]} differs from config.input_dim={self.config.input_dim}: "
                 "use the backbone (and layer) the model was built for, or build a model with a matching input_dim."
             )
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"`inputs_embeds` of shape {tuple(inputs_embeds.shape)} holds no example or no token: pass at least "
+                "one example with at least one token."
+            )
         # On every call, training included: the checks here already synchronise with the host (task ids, mask rows),
         # and a NaN input would otherwise show up as a NaN loss that points at the learning rate, not the data.
         check_finite(inputs_embeds, "`inputs_embeds` (the token features)")
@@ -1236,6 +1258,9 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 f"got {tuple(attention_mask.shape)}."
             )
         attention_mask = attention_mask.to(inputs_embeds.device)
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
+            raise ValueError(f"`attention_mask` must hold 1 (real token) and 0 (padding) only, got {odd}.")
         empty_rows = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
         if empty_rows:
             raise ValueError(f"`attention_mask` rows {empty_rows} have no real token (all zeros); drop those examples.")

@@ -53,6 +53,13 @@ def image_model() -> DTGMAModel:
     return model.eval()
 
 
+def one_layer_stream():
+    """The input stream of a model with one layer (`two_tasks` has two)."""
+    model = make_model(num_layers=1)
+    model.add_task("a", labels=["x", "y"])
+    return model.input_stream(features())
+
+
 def saved_folder(model: DTGMAModel, folder: Path) -> str:
     model.save_pretrained(folder)
     return str(folder)
@@ -157,6 +164,16 @@ BAD_INPUTS = [
     case("mask-row-all-zeros",
          lambda tmp: two_tasks()(inputs_embeds=features(), attention_mask=torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]])),
          ValueError, r"rows \[1\] have no real token \(all zeros\)"),
+    case("mask-value-not-0-or-1",
+         lambda tmp: two_tasks()(inputs_embeds=features(), attention_mask=torch.tensor([[1, 1, 0, -1], [1, 1, 1, 1]])),
+         ValueError, r"`attention_mask` must hold 1 \(real token\) and 0 \(padding\) only, got \[-1\]"),
+    case("no-tokens", lambda tmp: two_tasks()(inputs_embeds=features(tokens=0)),
+         ValueError, r"`inputs_embeds` of shape \(2, 0, 12\) holds no example or no token"),
+    case("predict-two-inputs", lambda tmp: two_tasks().predict(["a text"], inputs_embeds=features()),
+         ValueError, r"exactly one of `texts`, .* got \['texts', 'inputs_embeds'\]"),
+    case("input-stream-of-another-model",
+         lambda tmp: two_tasks()(input_stream=one_layer_stream(), task_ids=0),
+         ValueError, r"`input_stream` comes from another model \(1 layers .* this model's: 2 layers"),
     # images of the wrong size or channels
     case("image-size", lambda tmp: image_model()(pixel_values=torch.randn(2, 1, 14, 14), task_ids=0),
          ValueError, "the images are 14x14, the model reads 28x28"),
