@@ -20,7 +20,7 @@ Example:
 ```python
 >>> from hf_dtgma.routing import fit_task_router, evaluate_routing
 >>> fit_task_router(model, "banking", train_split, validation_split)   # once, when "banking" has finished
->>> evaluate_routing(model, [(task.name, task.validation) for task in tasks], labels)["mahalanobis"]
+>>> evaluate_routing(model, [(index, task.validation) for index, task in enumerate(tasks)])["mahalanobis"]
 {'task_accuracy': 0.979, 'class_il_accuracy': 0.948}
 ```
 """
@@ -72,6 +72,8 @@ def fit_task_router(
         batch_size: examples per pass.
     """
     index = task if isinstance(task, int) else model.task_index(task)
+    if not 0 <= index < len(model.tasks):
+        raise ValueError(f"Task id {index} is out of range: the model's tasks are {model.tasks} (ids 0..).")
     name = model.tasks[index]
     router = model.task_adapters[index].router
     num_labels = router.class_means.shape[0]
@@ -83,6 +85,17 @@ def fit_task_router(
     for batch in _batches(model, train, batch_size, f"task {name!r}'s training data"):
         x = _features(model, batch).double().cpu()
         labels = batch["labels"].cpu()
+        if x.shape[1] != width:
+            raise ValueError(
+                f"Task {name!r}: router features of width {x.shape[1]}, but the model routes on width {width}: pass "
+                "the task's splits with the features of the backbone (and layer) the model was built for."
+            )
+        outside = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
+        if outside:
+            raise ValueError(
+                f"Task {name!r}: training labels {outside[:10]} are outside its {num_labels} labels "
+                f"{model.task_labels(name)}: `label` must be an index into them."
+            )
         sums.index_add_(0, labels, x)
         counts += torch.bincount(labels, minlength=num_labels).double()
         second += x.T @ x
@@ -104,26 +117,35 @@ def fit_task_router(
     basis_variances[:kept] = variances[:kept]
     log_det = variances[:kept].log().sum() + (width - kept) * residual.log()
 
+    # The validation scores need the new statistics in place: a failure below puts the previous ones back, so the
+    # task is never left half fitted (a finished task keeps the statistics it had).
+    previous = {key: buffer.clone() for key, buffer in router.named_buffers()}
     target = router.class_means
-    router.class_means.copy_(means.to(target))
-    router.basis.copy_(basis.to(target))
-    router.basis_variances.copy_(basis_variances.to(target))
-    router.residual_variance.copy_(residual.to(target))
-    router.log_det.copy_(log_det.to(target))
-
-    likelihood, energy = [], []
     was_training = model.training
-    model.eval()
-    for batch in _batches(model, validation, batch_size, f"task {name!r}'s validation data"):
-        inputs = {key: value for key, value in batch.items() if key not in ("labels", "task_ids")}
-        logits = model(**inputs, task_ids=index).logits
-        energy.append(torch.logsumexp(logits.float(), dim=-1).cpu())
-        likelihood.append(model.class_log_likelihoods(_features(model, batch), tasks=[index]).amax(-1)[:, 0].cpu())
-    model.train(was_training)
-    stats = []
-    for values in (torch.cat(likelihood), torch.cat(energy)):
-        stats += [values.mean(), values.std(unbiased=False).clamp(min=1e-6)]
-    router.score_stats.copy_(torch.stack(stats).to(target))
+    try:
+        router.class_means.copy_(means.to(target))
+        router.basis.copy_(basis.to(target))
+        router.basis_variances.copy_(basis_variances.to(target))
+        router.residual_variance.copy_(residual.to(target))
+        router.log_det.copy_(log_det.to(target))
+        likelihood, energy = [], []
+        model.eval()
+        for batch in _batches(model, validation, batch_size, f"task {name!r}'s validation data"):
+            inputs = {key: value for key, value in batch.items() if key not in ("labels", "task_ids")}
+            logits = model(**inputs, task_ids=index).logits
+            energy.append(torch.logsumexp(logits.float(), dim=-1).cpu())
+            scores = model.class_log_likelihoods(_features(model, batch), tasks=[index])
+            likelihood.append(scores.amax(-1)[:, 0].cpu())
+        stats = []
+        for values in (torch.cat(likelihood), torch.cat(energy)):
+            stats += [values.mean(), values.std(unbiased=False).clamp(min=1e-6)]
+        router.score_stats.copy_(torch.stack(stats).to(target))
+    except BaseException:
+        for key, buffer in router.named_buffers():
+            buffer.copy_(previous[key])
+        raise
+    finally:
+        model.train(was_training)
 
 
 def right_labels(
@@ -163,6 +185,15 @@ def evaluate_routing(
     the data set labelled within its task. A prediction is correct when its label name equals the true one (two tasks
     that share a label set, as Amazon and Yelp reviews do, count a right label in the wrong task as correct).
     Returns `{router: {"task_accuracy", "class_il_accuracy"}}`."""
+    if not splits:
+        raise ValueError("`splits` is empty: pass (task id, Dataset) pairs, one per task to evaluate.")
+    for pair in splits:
+        task = pair[0] if isinstance(pair, (tuple, list)) and len(pair) == 2 else None
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < len(model.tasks):
+            raise ValueError(
+                f"`splits` holds (task id, Dataset) pairs, ids 0..{len(model.tasks) - 1} for tasks {model.tasks}; "
+                f"got {str(pair)[:80]}. Example: [(index, task.validation) for index, task in enumerate(tasks)]."
+            )
     scored = [
         (true_task, _scored_batches(model, dataset, batch_size, f"task {model.tasks[true_task]!r}'s data"))
         for true_task, dataset in splits
@@ -225,6 +256,8 @@ def calibrate_reject_threshold(
     """Set and return `model.config.reject_threshold`: the score that `accept` of the in-scope `validation` examples
     (every task's validation split) reach, so out-of-scope rejection is calibrated without any out-of-scope data."""
     _check_accept(accept)
+    if isinstance(validation, Dataset) or not validation:
+        raise ValueError("`validation` is a list of every task's validation Dataset: pass [task.validation, ...].")
     scores = torch.cat([reject_scores(model, dataset, router) for dataset in validation])
     return _set_reject_threshold(model, scores, accept)
 
@@ -276,6 +309,8 @@ def routing_report(
       against the in-scope `evaluation_split` inputs and the fraction of them rejected at the threshold.
     """
     _check_accept(accept)
+    if not tasks:
+        raise ValueError("`tasks` is empty: pass the model's tasks (ContinualTask, in the order they were added).")
     # One all-task pass per split; every figure below is computed from it.
     scored = {
         split: [

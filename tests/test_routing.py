@@ -183,6 +183,35 @@ def test_unfitted_tasks_are_a_clear_error():
         fit_task_router(model, "a", only_x, only_x)
 
 
+def test_a_failed_refit_leaves_the_tasks_routing_statistics_as_they_were():
+    """The statistics are copied in before the validation pass that needs them: a validation split that fails used to
+    leave the task with new class means and placeholder score statistics."""
+    tasks = separated_tasks(num_tasks=2)
+    model = fitted_model(tasks)
+    before = router_state(model, 0)
+    wider = Dataset.from_dict({"features": [np.ones((2, INPUT_DIM + 1), np.float32)], "label": [0]})
+    with pytest.raises(ValueError, match="Feature width"):
+        fit_task_router(model, "task0", tasks[1].train, wider)  # other training data, then a failing validation
+    after = router_state(model, 0)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_routing_helpers_name_what_they_take():
+    tasks = separated_tasks(num_tasks=2)
+    model = fitted_model(tasks)
+    with pytest.raises(ValueError, match=r"\(task id, Dataset\) pairs, ids 0..1 for tasks \['task0', 'task1'\]"):
+        evaluate_routing(model, [(task.name, task.validation) for task in tasks])
+    with pytest.raises(ValueError, match="`splits` is empty"):
+        evaluate_routing(model, [])
+    with pytest.raises(ValueError, match="`validation` is a list of every task's validation Dataset"):
+        calibrate_reject_threshold(model, tasks[0].validation)
+    with pytest.raises(ValueError, match=r"Task id 2 is out of range: the model's tasks are \['task0', 'task1'\]"):
+        fit_task_router(model, 2, tasks[0].train, tasks[0].validation)
+    relabelled = tasks[0].train.map(lambda row: {"label": row["label"] + 3})
+    with pytest.raises(ValueError, match=r"Task 'task0': training labels \[3, 4, 5\] are outside its 3 labels"):
+        fit_task_router(model, "task0", relabelled, tasks[0].validation)
+
+
 def test_router_rank_above_the_feature_width_keeps_an_exact_gaussian():
     """router_rank 16 on 12-wide features from 9 examples: the unused directions change nothing."""
     tasks = separated_tasks(num_tasks=2, sizes=(3, 3, 3))

@@ -3,7 +3,7 @@ frozen-backbone features, batches, epochs, early stopping and per-task heads.
 
     >>> from hf_dtgma.strategies import build_strategy, STRATEGIES
     >>> sorted(STRATEGIES)[:3]
-    ['adapter', 'derpp', 'dtgma']
+    ['adapter', 'daformer', 'derpp']
     >>> ewc = build_strategy("ewc", DTGMAConfig(input_dim=384), penalty=1000.0)
 
 `build_strategy(name, model_config, **hyperparameters)` builds one from the `DTGMAConfig` that fixes the widths (the
