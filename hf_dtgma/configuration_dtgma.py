@@ -238,6 +238,10 @@ class DTGMAConfig(PreTrainedConfig):
                 f"DTGMAConfig: `patch_size` ({patch_size}) must divide `image_size` ({image_size}); "
                 "e.g. 28 -> 4, 7 or 14."
             )
+        eps_is_number = isinstance(layer_norm_eps, (int, float)) and not isinstance(layer_norm_eps, bool)
+        if not eps_is_number or not 0 < layer_norm_eps < 1:
+            raise ValueError(f"DTGMAConfig: `layer_norm_eps` must be in (0, 1), got {layer_norm_eps!r} (1e-5 is usual)")
+        _check_tasks(tasks or [])
         self.input_dim = input_dim
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -282,3 +286,25 @@ class DTGMAConfig(PreTrainedConfig):
         """Width of the features the router reads: the flattened image for a model with its own patch embedder,
         else the width of the input token features (their masked mean)."""
         return self.num_channels * self.image_size**2 if self.image_size is not None else self.input_dim
+
+
+def _check_tasks(tasks: list) -> None:
+    """`config.tasks` (from a hand-edited config.json, or passed in): a list of `{"name", "labels", ...}` with distinct
+    names and non-empty, distinct labels; otherwise a `ValueError` naming the task."""
+    if not isinstance(tasks, (list, tuple)):
+        raise ValueError(f"DTGMAConfig: `tasks` must be a list of task dicts, got {str(tasks)[:80]}.")
+    names = []
+    for position, task in enumerate(tasks):
+        name = task.get("name") if isinstance(task, dict) else None
+        labels = task.get("labels") if isinstance(task, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(labels, list) or not labels:
+            raise ValueError(
+                f"DTGMAConfig: `tasks[{position}]` must be a dict with a task `name` and its non-empty `labels` "
+                f"list, got {str(task)[:80]}: the config is damaged; save the model again."
+            )
+        if len(set(map(str, labels))) != len(labels):
+            raise ValueError(f"DTGMAConfig: task {name!r} has duplicated labels {labels}.")
+        names.append(name)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"DTGMAConfig: tasks {repeated} appear more than once in `tasks`.")

@@ -659,6 +659,8 @@ class DTGMAModel(DTGMAPreTrainedModel):
         self.input_norm = nn.LayerNorm(config.input_dim, eps=config.layer_norm_eps)
         self.input_proj = nn.Linear(config.input_dim, config.hidden_size)
         self.layers = nn.ModuleList(DTGMALayer(config) for _ in range(config.num_layers))
+        for task in config.tasks:  # each names a folder when saved
+            check_task_name(task["name"])
         self.task_adapters = nn.ModuleList(DTGMATaskAdapter(config, len(task["labels"])) for task in config.tasks)
         self.post_init()
         self._apply_frozen_state()
