@@ -41,6 +41,7 @@ from vision_splits import complete_args as complete_vision_args
 from vision_splits import load_benchmark as load_images
 
 from hf_dtgma import DTGMAConfig
+from hf_dtgma.backbones import EMBEDDED_TEXT_BACKBONE
 from hf_dtgma.data.vision import VISION_BENCHMARKS
 from hf_dtgma.files import write_json_atomic, write_text_atomic
 from hf_dtgma.modeling_dtgma import atomic_path
@@ -64,7 +65,6 @@ CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {
         "lwf": {"distillation": 16.0},
         "derpp": {"alpha": 0.1, "beta": 0.5},
         "hat": {"regularization": 0.1},
-        "tag": {"b": 1.0},
         "dwa": {"sparsity": 0.75},
     },
 }
@@ -141,7 +141,16 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
             "same settings and starts the others over by itself. Drop the flag."
         )
     run_args = complete_vision_args(run_args) if vision else complete_text_args(run_args)
+    args.default_flags = default_flags(args.benchmark)
     return args, run_args
+
+
+def default_flags(benchmark: str) -> dict:
+    """The run flags (as in `run_settings`) of the benchmark's script with no flag but `--benchmark` given."""
+    vision = benchmark in VISION_BENCHMARKS
+    defaults = (vision_parser() if vision else text_parser()).parse_args(["--benchmark", benchmark])
+    defaults = complete_vision_args(defaults) if vision else complete_text_args(defaults)
+    return {name: value for name, value in run_flags(defaults).items() if name not in OUTCOME_NEUTRAL_FLAGS}
 
 
 def load(args: argparse.Namespace, run_args: argparse.Namespace, accelerator):
@@ -188,6 +197,29 @@ def run_settings(args, run_args, config: DTGMAConfig, method: str, seed: int, hy
     }))
 
 
+# The run-identity entries that every saved run records, in both formats.
+RUN_IDENTITY = ("benchmark", "method", "seed", "hyperparameters", "class_incremental")
+
+
+def same_settings(saved: dict, settings: dict, defaults: dict) -> bool:
+    """Whether a saved run's `settings` are `settings`.
+
+    Runs saved before every flag was recorded (their settings hold `training`, `model` and `data` instead of `flags`)
+    match when each value they recorded agrees and every flag they did not record is at its default (`defaults`,
+    `default_flags`); they record no backbone and were all run with the embedded text encoder (README), so a run on
+    another backbone never matches them."""
+    if "flags" in saved:
+        return saved == settings
+    recorded = {**saved.get("training", {}), **saved.get("model", {}), **saved.get("data", {})}
+    flags, backbone = settings["flags"], settings["backbone"]
+    return (
+        all(saved.get(key) == settings[key] for key in RUN_IDENTITY)
+        and (backbone is None or backbone.get("name") == EMBEDDED_TEXT_BACKBONE)
+        and all(flags.get(name) == value for name, value in recorded.items())
+        and all(value == defaults.get(name) for name, value in flags.items() if name not in recorded)
+    )
+
+
 def run_one(
     args, run_args, tasks, config, accelerator, label: str, method: str, hyperparameters: dict, seed: int
 ) -> dict | None:
@@ -198,7 +230,7 @@ def run_one(
     existing = folder / "results.json"
     if existing.is_file():
         results = json.loads(existing.read_text())
-        if results.get("settings") == settings:
+        if same_settings(results.get("settings", {}), settings, args.default_flags):
             print(f"{label} seed {seed}: reusing {existing}")
             return results
     if args.existing_only:

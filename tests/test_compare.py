@@ -102,3 +102,35 @@ def test_hyperparameters_of_methods_not_run_are_ignored_with_a_note(capsys):
     args, _ = parse_arguments(["--methods", "ewc", "--hparams", '{"lwf": {"distillation": 4}}'])
     assert args.methods == ["ewc"] and args.hparams == {"lwf": {"distillation": 4}}
     assert "--hparams sets ['lwf'], which --methods does not run (['ewc']): ignored." in capsys.readouterr().err
+
+
+LEGACY_SETTINGS = {  # how runs saved before every flag was recorded describe themselves (results/compare/...)
+    "benchmark": "split_fashion_mnist", "method": "ewc", "seed": 0,
+    "training": {"epochs": 20, "patience": 3, "batch_size": 64, "lr": 0.003, "weight_decay": 0.01,
+                 "label_smoothing": None, "evaluate_on": "test"},
+    "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "task_rank": 8, "num_task_tokens": 1,
+              "head_input": "task_tokens", "router": "mahalanobis"},
+    "data": {"data_dir": "../shared/data/fashion_mnist", "num_tasks": None, "split_seed": 0, "order": None,
+             "train_per_task": 2000, "layer": None},
+    "hyperparameters": {"penalty": 10000.0}, "class_incremental": True,
+}
+
+
+def test_runs_saved_before_every_flag_was_recorded_match_only_the_defaults_they_ran_with():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compare import default_flags, same_settings
+
+    defaults = default_flags("split_fashion_mnist")
+    flags = {**defaults, "data_dir": "../shared/data/fashion_mnist", "train_per_task": 2000}
+    current = {key: LEGACY_SETTINGS[key] for key in ("benchmark", "method", "seed", "hyperparameters")}
+    current.update(flags=flags, backbone=None, class_incremental=True)
+    assert same_settings(LEGACY_SETTINGS, current, defaults)
+    assert same_settings(current, current, defaults) and not same_settings(current, {**current, "seed": 1}, defaults)
+    # a flag the old format did not record, away from its default: another run (the bug of reusing it)
+    assert not same_settings(LEGACY_SETTINGS, {**current, "flags": {**flags, "max_shift": 2}}, defaults)
+    assert not same_settings(LEGACY_SETTINGS, {**current, "flags": {**flags, "patch_embedder": "shared"}}, defaults)
+    # a flag it did record, changed; another hyperparameter; another backbone than the embedded encoder
+    assert not same_settings(LEGACY_SETTINGS, {**current, "flags": {**flags, "epochs": 5}}, defaults)
+    assert not same_settings(LEGACY_SETTINGS, {**current, "hyperparameters": {"penalty": 1.0}}, defaults)
+    qwen = {"type": "text", "name": "Qwen/Qwen2.5-1.5B", "revision": None, "layer": -1}
+    assert not same_settings(LEGACY_SETTINGS, {**current, "backbone": qwen}, defaults)
