@@ -58,6 +58,7 @@ CHOSEN_HYPERPARAMETERS: dict[str, dict[str, dict]] = {
         "hat": {"regularization": 0.75},
         "derpp": {"alpha": 0.5, "beta": 1.0},
         "daformer": {"knn_weight": 0.1},
+        "tag": {"b": 1.0},
     },
     "split_fashion_mnist": {
         "ewc": {"penalty": 10000.0},
