@@ -77,7 +77,15 @@ def cache_features(
         raise ValueError("Cannot compute features of an empty dataset: check the split and the filters.")
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = features_fingerprint(backbone, dataset[text_column])
+    all_texts = dataset[text_column][:]
+    not_text = next((row for row, text in enumerate(all_texts) if not isinstance(text, str)), None)
+    if not_text is not None:
+        raise ValueError(
+            f"Row {not_text} of the {text_column!r} column is {all_texts[not_text]!r}, not a text: drop or fill the "
+            "rows without text."
+        )
+    fingerprint = features_fingerprint(backbone, all_texts)
+    cache_file = cache_dir / f"{fingerprint}.arrow"
     texts = dataset.select_columns([text_column]).with_format(None)  # the map reads and writes plain lists
     array = Array2D(shape=(None, backbone.hidden_size), dtype="float16")
     features = Features({text_column: texts.features[text_column], "features": array})
@@ -107,13 +115,13 @@ def cache_features(
         return {"features": features}
 
     lower = f"the feature batch size (--feature-batch-size, now {batch_size}) or --max-length ({backbone.max_length})"
-    with explain_out_of_memory(f"computing backbone features with {backbone.name}", lower):
+    with explain_out_of_memory(f"computing backbone features with {backbone.name}", lower), _damaged_cache(cache_file):
         encoded = texts.map(
             encode_sorted if sort_by_length else encode,
             batched=True,
             batch_size=batch_size * SORTED_RUN if sort_by_length else batch_size,
             features=features,
-            cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
+            cache_file_name=str(cache_file),
             new_fingerprint=fingerprint,
             desc=f"Backbone features ({backbone.name})",
         )
@@ -122,6 +130,21 @@ def cache_features(
     with _without_progress_bars():  # a `select` view is flattened to join columns: quick, and not worth a bar
         joined = concatenate_datasets([dataset, encoded.select_columns(["features"])], axis=1)
     return joined.with_format(dataset.format["type"], **dataset.format["format_kwargs"])
+
+
+@contextmanager
+def _damaged_cache(cache_file: Path) -> Iterator[None]:
+    """Turn `datasets`' error on a truncated or corrupted cache file into one that names the file and the fix."""
+    existed = cache_file.is_file()
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowIOError) as error:
+        if not existed:
+            raise
+        raise ValueError(
+            f"The cached features file {cache_file} is damaged ({error}): delete it, and the next run computes the "
+            "features again."
+        ) from error
 
 
 @contextmanager

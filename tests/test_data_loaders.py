@@ -94,6 +94,13 @@ def test_clinc150_errors(clinc_dir, tmp_path_factory):
     (clinc_dir / "data_full.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="not_an_intent"):
         load_clinc150(str(clinc_dir))
+    data["train"][-1] = ["hello"]
+    (clinc_dir / "data_full.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"rows are \[text, intent\] pairs, got \['hello'\]"):
+        load_clinc150(str(clinc_dir))
+    (clinc_dir / "data_full.json").write_text(json.dumps(data)[:40])  # truncated
+    with pytest.raises(ValueError, match=r"data_full\.json is missing or not valid JSON .*Download it again"):
+        load_clinc150(str(clinc_dir))
 
 
 def test_clinc150_hub_path_reads_intent_names(monkeypatch):

@@ -1,5 +1,6 @@
 """Must-show 6 (issue 3): backbone features are computed once; a second run reads them from disk."""
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -86,3 +87,16 @@ def test_pad_features_pads_and_masks():
     assert batch["inputs_embeds"].shape == (2, 4, 3)
     assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert batch["inputs_embeds"][0, 2:].abs().sum() == 0 and batch["inputs_embeds"][1].eq(2).all()
+
+
+def test_rows_without_text_and_a_damaged_cache_file_fail_naming_the_problem(tmp_path):
+    model, tokenizer = tiny_qwen()
+    backbone = TextBackbone(model, tokenizer, name="tiny-qwen2", max_length=16)
+    with pytest.raises(ValueError, match=r"Row 1 of the 'text' column is None, not a text: drop or fill"):
+        cache_features(Dataset.from_dict({"text": [TEXTS[0], None], "label": [0, 1]}), backbone, cache_dir=tmp_path)
+    data = Dataset.from_dict({"text": TEXTS, "label": [0, 1, 0, 1]})
+    cache_features(data, backbone, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("*.arrow")
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"The cached features file {cached} is damaged .*: delete it"):
+        cache_features(data, backbone, cache_dir=tmp_path)

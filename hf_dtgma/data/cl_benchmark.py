@@ -13,11 +13,11 @@ carved from the training pool, never from test. Every carving is recorded in the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 
+from ..files import read_json
 from ..training.trainer import ContinualTask
 from .splits import carve_split, int_labels, labelled_split
 
@@ -138,7 +138,7 @@ def _local_pools(data_dir: Path, name: str, seed: int) -> tuple[Dataset, Dataset
                              f"seed {seed})"]
     if not (folder / "labels.json").is_file():
         raise _missing(f"{folder / 'labels.json'} not found")
-    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    labels = read_json(folder / "labels.json", "it should be a JSON list of the label names.")
     given = {split: _read_json(folder / f"{split}.json", labels) for split in ("train", "test")
              if (folder / f"{split}.json").is_file()}
     if not given:
@@ -165,7 +165,10 @@ def _missing(what: str) -> FileNotFoundError:
 
 
 def _read_json(path: Path, labels: list[str]) -> Dataset:
-    rows = json.loads(path.read_text(encoding="utf-8"))
+    rows = read_json(path, "it should be a JSON list of {\"sentence\", \"label\"} objects.")
+    bad = next((row for row in rows if not (isinstance(row, dict) and {"sentence", "label"} <= set(row))), None)
+    if bad is not None:
+        raise ValueError(f"{path}: every row is a {{\"sentence\", \"label\"}} object, got {str(bad)[:80]}.")
     unknown = sorted({row["label"] for row in rows} - set(labels))
     if unknown:
         raise ValueError(f"{path}: labels {unknown} are not in {path.parent / 'labels.json'} ({labels}).")

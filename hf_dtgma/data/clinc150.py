@@ -8,11 +8,11 @@ copy has no domain column.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
+from ..files import read_json
 from ..training.trainer import ContinualTask
 from .splits import column_values
 
@@ -143,10 +143,14 @@ def _read(data_dir: str | None) -> tuple[dict[str, list[tuple[str, str]]], str]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: `data_dir` (--data-dir) should point at a folder laid out like "
                                     f"{_LAYOUT}.")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        missing = [key for name in _SPLITS.values() for key in (name, f"oos_{name}") if key not in data]
+        data = read_json(path, "is it CLINC150's data_full.json? Download it again.")
+        keys = [key for name in _SPLITS.values() for key in (name, f"oos_{name}")]
+        missing = [key for key in keys if not isinstance(data, dict) or key not in data]
         if missing:
             raise ValueError(f"{path} lacks the lists {missing}; is it CLINC150's data_full.json?")
+        bad = next((row for key in keys for row in data[key] if not (isinstance(row, list) and len(row) == 2)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: rows are [text, intent] pairs, got {str(bad)[:80]}; is it CLINC150's file?")
         rows = {
             split: [(text, intent) for text, intent in data[key]]
             + [(text, OUT_OF_SCOPE) for text, _ in data[f"oos_{key}"]]
@@ -165,7 +169,8 @@ def _check_domains(path: Path) -> None:
     """A local domains.json, when there is one, must give every domain the intents of `CLINC150_DOMAINS`."""
     if not path.is_file():
         return
-    local = {domain: set(intents) for domain, intents in json.loads(path.read_text(encoding="utf-8")).items()}
+    domains = read_json(path, "use the oos-eval repository's domains.json, or remove it to use the shipped mapping.")
+    local = {domain: set(intents) for domain, intents in domains.items()}
     shipped = {domain: set(intents) for domain, intents in CLINC150_DOMAINS.items()}
     if local != shipped:
         differ = sorted(set(local) ^ set(shipped) | {d for d in set(local) & set(shipped) if local[d] != shipped[d]})
