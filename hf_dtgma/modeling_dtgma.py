@@ -1330,6 +1330,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         """
         adapter = self.task_adapters[self.task_index(name)]
         save_directory = Path(save_directory)
+        _check_not_a_file(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.state_dict().items()}
         save_id = uuid.uuid4().hex
@@ -1458,6 +1459,12 @@ class DTGMAModel(DTGMAPreTrainedModel):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("DTGMAModel loads safetensors weights only (no pickle); drop `use_safetensors=False`.")
         kwargs["use_safetensors"] = True
+        folder = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
+        if folder.is_dir() and kwargs.get("config") is None and not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {CONFIG_NAME}: it is not a folder written by save_pretrained (a task adapter folder "
+                "loads with `model.load_task`)."
+            )
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(
@@ -1491,6 +1498,7 @@ class DTGMAModel(DTGMAPreTrainedModel):
         `save_directory`, then renamed into place (the whole folder when it is new, else file by file, `config.json`
         last), so a crash mid-write never leaves a half-written file under a real name."""
         save_directory = Path(save_directory)
+        _check_not_a_file(save_directory)
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", save_directory.name)  # the default, not the staging folder's name
         save_directory.parent.mkdir(parents=True, exist_ok=True)
@@ -1521,6 +1529,11 @@ class DTGMAModel(DTGMAPreTrainedModel):
 # The weight files of a `save_pretrained`, single or sharded, safetensors or pickle: a later save removes those it
 # does not write itself, as transformers does in the folder it saves to.
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+def _check_not_a_file(save_directory: Path) -> None:
+    if save_directory.exists() and not save_directory.is_dir():
+        raise NotADirectoryError(f"{save_directory} is a file, not a folder to save into: pick another path.")
+
+
 TEMPORARY_SUFFIX = ".hf_dtgma.tmp"  # every temporary name this library writes ends so (and nothing else it deletes)
 _UMASK_AT_IMPORT = os.umask(0o022)
 os.umask(_UMASK_AT_IMPORT)

@@ -53,6 +53,11 @@ def image_model() -> DTGMAModel:
     return model.eval()
 
 
+def a_file(folder: Path) -> Path:
+    (folder / "afile").write_text("mine")
+    return folder / "afile"
+
+
 def one_layer_stream():
     """The input stream of a model with one layer (`two_tasks` has two)."""
     model = make_model(num_layers=1)
@@ -216,6 +221,14 @@ BAD_INPUTS = [
     case("label-names-in-the-task-list",
          lambda tmp: fit([task(train=split().remove_columns("label").add_column("label", ["no", "yes"] * 2))], tmp),
          ValueError, r"`label` holds <U3 values, e.g. \['no', 'yes', 'no'\]: .*map label names to their index"),
+    case("learning-rate-a-string", lambda tmp: ContinualTrainingConfig(output_dir=str(tmp), learning_rate="0.01"),
+         ValueError, r"`learning_rate` must be a number, got '0.01' \(str\)"),
+    case("save-into-a-file", lambda tmp: two_tasks().save_pretrained(a_file(tmp)),
+         NotADirectoryError, r"afile is a file, not a folder to save into"),
+    case("save-task-into-a-file", lambda tmp: two_tasks().save_task("topic", a_file(tmp)),
+         NotADirectoryError, r"afile is a file, not a folder to save into"),
+    case("from-pretrained-without-config", lambda tmp: DTGMAModel.from_pretrained(tmp),
+         FileNotFoundError, r"has no config.json: it is not a folder written by save_pretrained"),
     case("negative-seed", lambda tmp: ContinualTrainingConfig(output_dir=str(tmp), seed=-1),
          ValueError, r"`seed` must be a whole number in \[0, 2\*\*31\), got -1"),
     case("label-outside-in-the-task-list",

@@ -122,6 +122,10 @@ class ContinualTrainingConfig:
     overwrite_output_dir: bool = False
 
     def __post_init__(self):
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
