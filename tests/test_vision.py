@@ -92,6 +92,12 @@ def test_split_mnist_uses_train_files_when_present(mnist_test_only):
     assert len(tasks[0].test) == 40 and len(tasks[0].train) + len(tasks[0].validation) == 20
 
 
+def test_the_training_subsample_is_recorded_in_the_notes(mnist_test_only):
+    tasks = load_split_mnist(str(mnist_test_only), num_tasks=2, train_per_task=10, seed=3)
+    assert [len(task.train) for task in tasks] == [10, 10]
+    assert tasks[1].notes.endswith("validation: 10% of each class of train, seed 4; train: 10 of its 28 rows, seed 4")
+
+
 def test_permuted_mnist_permutes_pixels_per_task(mnist_test_only):
     tasks = load_permuted_mnist(str(mnist_test_only), num_tasks=3)
     assert [task.name for task in tasks] == ["permutation_0", "permutation_1", "permutation_2"]

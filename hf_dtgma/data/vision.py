@@ -275,7 +275,9 @@ def class_split_tasks(
         task_train, task_test = _class_subset(train, group), _class_subset(test, group)
         keep, held = stratified_split(task_train.labels, validation_fraction, seed + index)
         fit, validation = task_train.take(keep), task_train.take(held)
+        subsample = ""
         if train_per_task is not None and train_per_task < len(fit.labels):
+            subsample = f"; train: {train_per_task} of its {len(fit.labels)} rows, seed {seed + index}"
             fit = fit.take(np.sort(np.random.default_rng(seed + index).permutation(len(fit.labels))[:train_per_task]))
         labels = [class_names[c] for c in group]
         tasks.append(
@@ -289,7 +291,8 @@ def class_split_tasks(
                 train=to_pixel_dataset(fit.images, fit.labels, *stats),
                 validation=to_pixel_dataset(validation.images, validation.labels, *stats),
                 test=to_pixel_dataset(task_test.images, task_test.labels, *stats),
-                notes=f"{notes}; validation: {validation_fraction:.0%} of each class of train, seed {seed + index}",
+                notes=f"{notes}; validation: {validation_fraction:.0%} of each class of train, seed {seed + index}"
+                + subsample,
                 train_transform=_shift_augmentation(max_shift, stats),
             )
         )
