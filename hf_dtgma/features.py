@@ -30,8 +30,6 @@ from .errors import explain_out_of_memory
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("HF_DTGMA_CACHE", Path.home() / ".cache" / "hf_dtgma")) / "features"
 SORTED_RUN = 32  # `sort_by_length`: batches sorted together (their features are held in memory until written)
-
-
 CACHE_LAYOUT = 2  # in the fingerprint: files of layout 1 held every column of the dataset, labels included
 
 
