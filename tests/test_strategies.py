@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DIM, synthetic_tasks
@@ -311,8 +312,17 @@ class MatmulDtypes(TorchDispatchMode):
         return out
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state, fixed by the first `Accelerator`: reset it around a test that asks
+    for another mixed precision (as Accelerate's own `AccelerateTestCase` does)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_every_task_of_every_method_trains_in_the_mixed_precision_asked_for(name, tmp_path):
+def test_every_task_of_every_method_trains_in_the_mixed_precision_asked_for(name, tmp_path, fresh_accelerate_state):
     """bf16 used to reach the first task only (Accelerate handed the module back unprepared from the second `prepare`
     on), and never methods that call their network's parts directly (LwF, HAT, DWA, DyTox, DAFormer)."""
     torch.manual_seed(0)
