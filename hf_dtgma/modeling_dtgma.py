@@ -1512,16 +1512,17 @@ class DTGMAModel(DTGMAPreTrainedModel):
                 os.replace(staging, save_directory)
                 return
             written = [path for path in staging.rglob("*") if path.is_file()]
-            stale = {path for path in save_directory.iterdir() if _WEIGHT_FILE.fullmatch(path.name)} - {
-                save_directory / path.relative_to(staging) for path in written
-            }
-            for path in sorted(written, key=lambda p: p.name == CONFIG_NAME):  # config.json last
-                if path.name == CONFIG_NAME:  # an earlier save's weights that this one did not write would load
-                    for old in stale:  # in its place (a single file shadows a sharded save): remove them first
-                        old.unlink()
-                target = save_directory / path.relative_to(staging)
+            targets = {path: save_directory / path.relative_to(staging) for path in written}
+            # An earlier save's weight files that this one does not write would load in its place (a single file
+            # shadows a sharded save): they go after the new files, before config.json, which moves last.
+            previous = {path for path in save_directory.iterdir() if _WEIGHT_FILE.fullmatch(path.name)}
+            config = targets.pop(staging / CONFIG_NAME)
+            for path, target in targets.items():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, target)
+            for old in previous - set(targets.values()):
+                old.unlink()
+            os.replace(staging / CONFIG_NAME, config)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -1569,13 +1570,12 @@ class atomic_path:
             prefix=f".{self.target.name}.", suffix=TEMPORARY_SUFFIX, dir=self.target.parent
         )
         os.close(handle)
-        use_default_permissions(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                use_default_permissions(self.tmp)  # again: a writer may have made the file anew (safetensors: 0o600)
+                use_default_permissions(self.tmp)  # after writing: a writer may make the file anew (safetensors: 0o600)
                 os.replace(self.tmp, self.target)
         finally:
             if os.path.exists(self.tmp):  # the block or the rename failed: no temporary file stays behind
